@@ -1,0 +1,161 @@
+"""The `minillm` command: a thin layer of argument parsing over the library; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXAMPLES = {
+    "tokenizer train": """examples:
+  minillm tokenizer train --data builtin --vocab-size 4096 --out runs/tokenizer
+  minillm tokenizer train --data corpus.txt --vocab-size 8000 --out runs/tokenizer""",
+    "train": """examples:
+  minillm train --config configs/pretrain_tiny.yaml
+  minillm train --config pretrain_tiny max_steps=100 model.preset=micro training.lr=5e-4
+  minillm train --preset micro --data corpus.txt --epochs 5 --out-dir runs/mine""",
+    "generate": """examples:
+  minillm generate runs/pretrain_tiny/final --prompt "小明有3个苹果"
+  minillm generate runs/pretrain_tiny/final --prompt "Once" --temperature 0 --max-new-tokens 40""",
+    "quickstart": """examples:
+  minillm quickstart
+  minillm quickstart --out-dir runs/qs --minutes 3""",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minillm", description="Train small language models from scratch, Chinese first.",
+        epilog="Run `minillm COMMAND --help` for a command's options and examples.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(parent, name: str, help_text: str, key: str | None = None) -> argparse.ArgumentParser:
+        return parent.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES.get(key or name),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    tokenizer = commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    tok_train = command(tokenizer_commands, "train", "train a byte-level BPE tokenizer on a corpus",
+                        "tokenizer train")
+    tok_train.add_argument("--data", default="builtin", help="'builtin' or a text/JSONL file or directory")
+    tok_train.add_argument("--vocab-size", type=int, default=4096)
+    tok_train.add_argument("--num-documents", type=int, default=20000,
+                           help="documents of the built-in corpus to train on")
+    tok_train.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    tok_train.add_argument("--out", required=True, help="directory to save the tokenizer to")
+
+    train = command(commands, "train", "train a model from a YAML config and/or flags")
+    train.add_argument("--config", help="a YAML run config, or the name of one in configs/")
+    train.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="config overrides, dotted for sections (model.preset=micro)")
+    train.add_argument("--preset", help="model preset (model.preset)")
+    train.add_argument("--data", help="'builtin' or a text/JSONL file or directory (data.source)")
+    train.add_argument("--tokenizer", help="a tokenizer directory (tokenizer.path); default: train one")
+    train.add_argument("--epochs", type=float)
+    train.add_argument("--max-steps", type=int)
+    train.add_argument("--batch-size", type=int, help="micro-batch size (training.batch_size)")
+    train.add_argument("--lr", type=float, help="peak learning rate (training.lr)")
+    train.add_argument("--max-length", type=int, help="tokens per window (data.max_length)")
+    train.add_argument("--out-dir")
+    train.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
+    train.add_argument("--seed", type=int)
+
+    generate = command(commands, "generate", "generate text from a checkpoint")
+    generate.add_argument("checkpoint", help="a model directory (e.g. runs/pretrain_tiny/final)")
+    generate.add_argument("--prompt", action="append", required=True,
+                          help="prompt text; repeat for a batch")
+    generate.add_argument("--max-new-tokens", type=int, default=100)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=0.95)
+    generate.add_argument("--repetition-penalty", type=float, default=1.0)
+    generate.add_argument("--seed", type=int)
+
+    quickstart = command(commands, "quickstart",
+                         "train a tokenizer and a small model on the built-in corpus, then sample from it")
+    quickstart.add_argument("--out-dir", default="runs/quickstart")
+    quickstart.add_argument("--minutes", type=float, default=5.0, help="training time budget")
+    quickstart.add_argument("--preset", default="micro")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from minillm.training.run import load_run_config, run_training
+
+    flags = {"model": {"preset": args.preset} if args.preset else {},
+             "data": {k: v for k, v in (("source", args.data), ("max_length", args.max_length)) if v is not None},
+             "tokenizer": {"path": args.tokenizer} if args.tokenizer else {},
+             "training": {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}}
+    for key in ("epochs", "max_steps", "out_dir", "precision", "seed"):
+        if getattr(args, key) is not None:
+            flags[key] = getattr(args, key)
+    if args.max_steps is None and args.epochs is not None:
+        flags["max_steps"] = None  # --epochs alone means "train by epochs" even if the config sets steps
+    config = load_run_config(args.config, args.overrides, flags)
+    result = run_training(config)
+    print(json.dumps(result, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _tokenizer_train(args: argparse.Namespace) -> int:
+    from minillm.data.builtin import builtin_corpus
+    from minillm.data.pretrain import iter_documents
+    from minillm.tokenizer import BPETokenizer
+
+    tokenizer = BPETokenizer(vocab_size=args.vocab_size)
+    if args.data == "builtin":
+        tokenizer.train(builtin_corpus(args.num_documents))
+    else:
+        tokenizer.train(iter_documents(args.data, args.text_field))
+    tokenizer.save_pretrained(args.out)
+    print(f"saved a {len(tokenizer)}-token tokenizer to {args.out}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from minillm.inference.generator import GenerationConfig, TextGenerator
+    from minillm.model.transformer import MiniGPT
+    from minillm.tokenizer import BPETokenizer
+    from minillm.training.checkpoint import resolve_checkpoint
+
+    directory = resolve_checkpoint(args.checkpoint)
+    generator = TextGenerator(MiniGPT.from_pretrained(directory), BPETokenizer.from_pretrained(directory))
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              do_sample=args.temperature > 0, top_k=args.top_k, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty, seed=args.seed)
+    for prompt, text in zip(args.prompt, generator.generate(list(args.prompt), config)):
+        print(prompt + text)
+        print()
+    return 0
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from minillm.quickstart import run_quickstart
+
+    run_quickstart(out_dir=Path(args.out_dir), minutes=args.minutes, preset=args.preset)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from minillm.data.pretrain import DataError
+    from minillm.model.config import ConfigError
+    from minillm.training.run import RunConfigError
+
+    handlers = {"train": _train, "generate": _generate, "quickstart": _quickstart}
+    handler = _tokenizer_train if args.command == "tokenizer" else handlers[args.command]
+    try:
+        return handler(args)
+    except (DataError, ConfigError, RunConfigError, FileNotFoundError) as e:
+        print(f"minillm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

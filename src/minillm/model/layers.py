@@ -1,0 +1,248 @@
+"""The building blocks of `MiniGPT`, one class per concept, named as in Hugging Face's Llama/Qwen code.
+
+Shapes: B batch, T new tokens, S = past + T key positions, H query heads, K key/value heads,
+D head dim, C hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minillm.model.config import MiniGPTConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · weight, computed in fp32 for stability under bf16/fp16."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(config: MiniGPTConfig, dim: int | None = None) -> nn.Module:
+    dim = config.hidden_size if dim is None else dim
+    if config.norm_type == "rmsnorm":
+        return RMSNorm(dim, config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE tables in the `rotate_half` layout (first half of each head paired with the second half)."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+        super().__init__()
+        self.max_positions = max_positions
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # (P, D/2)
+        emb = torch.cat((angles, angles), dim=-1)  # (P, D)
+        self.register_buffer("cos_cached", emb.cos(), persistent=False)
+        self.register_buffer("sin_cached", emb.sin(), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for `position_ids` (B, T), shaped (B, 1, T, D) to broadcast over heads."""
+        cos = self.cos_cached[position_ids].unsqueeze(1).to(dtype)
+        sin = self.sin_cached[position_ids].unsqueeze(1).to(dtype)
+        return cos, sin
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Keys and values of past positions, one (B, K, S, D) pair per layer.
+
+    With `max_length` the buffers are allocated once and written in place, so decoding does no
+    reallocation per token; without it, each step concatenates (simple, fine for short outputs).
+    """
+
+    def __init__(self, num_layers: int, max_length: int | None = None) -> None:
+        self.max_length = max_length
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.lengths = [0] * num_layers
+
+    @property
+    def seq_len(self) -> int:
+        """Positions cached so far (read before a forward pass: layers update one after another)."""
+        return self.lengths[0]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, new = self.lengths[layer], k.shape[2]
+        end = start + new
+        if self.max_length is None:
+            if self.keys[layer] is None:
+                self.keys[layer], self.values[layer] = k, v
+            else:
+                self.keys[layer] = torch.cat((self.keys[layer], k), dim=2)
+                self.values[layer] = torch.cat((self.values[layer], v), dim=2)
+            self.lengths[layer] = end
+            return self.keys[layer], self.values[layer]
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions; {end} requested")
+        if self.keys[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.max_length, k.shape[3])
+            self.keys[layer] = k.new_empty(shape)
+            self.values[layer] = v.new_empty(shape)
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        self.lengths[layer] = end
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def select(self, batch_indices: torch.Tensor) -> None:
+        """Keep (and reorder) batch rows, e.g. after a beam-search step or when sequences finish."""
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is not None:
+                self.keys[layer] = k.index_select(0, batch_indices)
+                self.values[layer] = v.index_select(0, batch_indices)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped key/value heads (MHA when K = H, MQA when K = 1)."""
+
+    def __init__(self, config: MiniGPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.attention_head_dim
+        self.dropout = config.dropout
+        c, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(c, q_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(c, kv_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(c, kv_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, c, bias=config.out_bias)
+        if config.qk_norm:  # Qwen3: RMSNorm over each head's q and k, before RoPE
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,  # (B, 1, T, S) bool, True = may attend; None = plain causal
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.lengths[self.layer_idx]
+            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
+        if mask is None and t > 1 and past > 0:
+            raise ValueError("several new tokens after a KV cache need an explicit mask")
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            # Without a mask: causal over the new tokens; a single new token after a cache sees everything.
+            is_causal=mask is None and t > 1 and past == 0,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU (down(silu(gate(x)) · up(x))) or GPT-2's GELU MLP (down(gelu(up(x))))."""
+
+    def __init__(self, config: MiniGPTConfig, intermediate_size: int) -> None:
+        super().__init__()
+        c, bias = config.hidden_size, config.mlp_bias
+        self.swiglu = config.mlp_type == "swiglu"
+        self.gate_proj = nn.Linear(c, intermediate_size, bias=bias) if self.swiglu else None
+        self.up_proj = nn.Linear(c, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, c, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class MoE(nn.Module):
+    """Top-k routed experts (softmax router, as Qwen-MoE/Mixtral) plus an optional always-on shared expert.
+
+    Returns the output and the Switch-Transformer load-balancing loss E · Σ_e f_e · P_e, where f_e is
+    the fraction of routed slots that went to expert e and P_e the mean router probability of e;
+    it is 1 when the load is perfectly balanced.
+    """
+
+    def __init__(self, config: MiniGPTConfig) -> None:
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(config, config.moe_intermediate_size) for _ in range(config.num_experts))
+        shared = config.shared_expert_intermediate_size
+        self.shared_expert = MLP(config, shared) if shared > 0 else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (N, C)
+        probs = F.softmax(self.gate(flat), dim=-1, dtype=torch.float32)  # (N, E)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows, slot = torch.where(chosen == e)
+            if rows.numel() == 0:
+                continue
+            out.index_add_(0, rows, expert(flat[rows]) * weights[rows, slot, None])
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(flat)
+        load = F.one_hot(chosen, self.num_experts).float().sum(dim=(0, 1)) / chosen.numel()  # f_e
+        aux_loss = self.num_experts * (load * probs.mean(dim=0)).sum()
+        return out.view(shape), aux_loss
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+    def __init__(self, config: MiniGPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = make_norm(config)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = make_norm(config)
+        self.mlp = MoE(config) if config.is_moe else MLP(config, config.intermediate_size)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, mask, cache))
+        mlp_out = self.mlp(self.post_attention_layernorm(h))
+        aux_loss = None
+        if isinstance(mlp_out, tuple):
+            mlp_out, aux_loss = mlp_out
+        return h + self.dropout(mlp_out), aux_loss

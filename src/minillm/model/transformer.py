@@ -1,0 +1,235 @@
+"""`MiniGPT`: a decoder-only transformer whose parts are chosen by `MiniGPTConfig`.
+
+Parameter names follow the Hugging Face Llama layout (`model.embed_tokens`, `model.layers.N.self_attn.
+q_proj`, `mlp.gate_proj`, `input_layernorm`, `model.norm`, `lm_head`), so a checkpoint is a Hugging Face
+model directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from minillm.io import atomic_write, atomic_write_json
+from minillm.model.config import MiniGPTConfig
+from minillm.model.layers import DecoderLayer, KVCache, RotaryEmbedding, make_norm
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+GENERATION_CONFIG_FILE = "generation_config.json"
+MODEL_TYPE = "minillm"
+_HF_ONLY_KEYS = ("architectures", "model_type", "torch_dtype", "dtype", "transformers_version")
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # (B, T, V), or (B, logits_to_keep, V)
+    loss: torch.Tensor | None = None  # mean cross-entropy over labels != -100
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing loss, mean over layers; None for dense models
+    past_key_values: KVCache | None = None
+
+
+class MiniGPTModel(nn.Module):
+    """Embeddings, the decoder layers and the final norm (the `model.` prefix of the weights)."""
+
+    def __init__(self, config: MiniGPTConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_positions = (nn.Embedding(config.max_position_embeddings, config.hidden_size)
+                                if config.position_embedding == "learned" else None)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = make_norm(config)
+        self.rotary = (RotaryEmbedding(config.attention_head_dim, config.max_position_embeddings, config.rope_theta)
+                       if config.position_embedding == "rope" else None)
+
+
+class MiniGPT(nn.Module):
+    def __init__(self, config: MiniGPTConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.model = MiniGPTModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+        # GPT-2 / nanoGPT: scale the projections that write into the residual stream by 1/sqrt(2·layers),
+        # so the residual's variance does not grow with depth.
+        residual_std = config.initializer_range / math.sqrt(2 * config.num_hidden_layers)
+        for name, param in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(param, mean=0.0, std=residual_std)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        labels: torch.Tensor | None = None,  # (B, T), -100 = ignored; shifted inside, as in transformers
+        attention_mask: torch.Tensor | None = None,  # (B, past + T), 1 = real token, 0 = padding
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        position_ids: torch.Tensor | None = None,  # (B, T); default: derived from attention_mask or past
+        logits_to_keep: int = 0,  # > 0: only the last n positions get logits (generation)
+    ) -> CausalLMOutput:
+        b, t = input_ids.shape
+        cache = past_key_values
+        if use_cache and cache is None:
+            cache = KVCache(self.config.num_hidden_layers)
+        past = cache.seq_len if cache is not None else 0
+        if past + t > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {past + t} tokens exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        if attention_mask is not None:
+            if attention_mask.shape != (b, past + t):
+                raise ValueError(f"attention_mask must have shape (batch, past + new tokens) = {(b, past + t)}, "
+                                 f"got {tuple(attention_mask.shape)}")
+            if position_ids is None:  # left padding: count positions from each row's first real token
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            if bool(attention_mask.all()):
+                attention_mask = None  # the fast causal kernel applies
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=input_ids.device).unsqueeze(0).expand(b, t)
+
+        mask = self._attention_mask(attention_mask, t, past, input_ids.device)
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        if self.model.embed_positions is not None:
+            x = x + self.model.embed_positions(position_ids)
+        x = self.model.dropout(x)
+        rope = self.model.rotary(position_ids, x.dtype) if self.model.rotary is not None else None
+
+        aux_losses = []
+        use_checkpointing = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.model.layers:
+            if use_checkpointing:
+                x, aux = checkpoint(layer, x, rope, mask, None, use_reentrant=False)
+            else:
+                x, aux = layer(x, rope, mask, cache)
+            if aux is not None:
+                aux_losses.append(aux)
+        x = self.model.norm(x)
+        logits = self.lm_head(x if logits_to_keep <= 0 else x[:, -logits_to_keep:])  # (B, T, V)
+
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels)
+        aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
+        return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss,
+                              past_key_values=cache if use_cache else None)
+
+    @staticmethod
+    def _attention_mask(attention_mask: torch.Tensor | None, t: int, past: int,
+                        device: torch.device) -> torch.Tensor | None:
+        """A (B|1, 1, T, past + T) boolean mask, or None where SDPA's own causal masking suffices."""
+        if attention_mask is None and (past == 0 or t == 1):
+            return None
+        s = past + t
+        query_pos = torch.arange(past, s, device=device)[:, None]
+        key_pos = torch.arange(s, device=device)[None, :]
+        mask = (key_pos <= query_pos)[None, None]  # causal: (1, 1, T, S)
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()[:, None, None, :]
+            # A padding query would see no key at all (SDPA then returns NaN); let it see itself.
+            mask = mask | (key_pos == query_pos)[None, None]
+        return mask
+
+    # ------------------------------------------------------------------ sizes
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Distinct parameters (a tied LM head counts once)."""
+        seen: set[int] = set()
+        total = 0
+        for name, p in self.named_parameters():
+            if id(p) in seen or (exclude_embeddings and "embed_" in name):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        return self.config.flops_per_token(seq_len, training)
+
+    def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
+        self.config.gradient_checkpointing = enabled
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: str | Path, generation_config: dict[str, Any] | None = None) -> None:
+        """Write `config.json`, `model.safetensors` and `generation_config.json` into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)  # safetensors refuses shared tensors; reloaded as a tie
+        dtype = str(next(self.parameters()).dtype).removeprefix("torch.")
+        atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        atomic_write_json(directory / CONFIG_FILE, {"architectures": ["MiniGPT"], "model_type": MODEL_TYPE,
+                                                    "torch_dtype": dtype, **self.config.to_dict()})
+        generation = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id,
+                      "pad_token_id": self.config.pad_token_id, **(generation_config or {})}
+        atomic_write_json(directory / GENERATION_CONFIG_FILE, generation)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> MiniGPT:
+        config = load_config(directory)
+        model = cls(config)
+        weights_path = Path(directory) / WEIGHTS_FILE
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}")
+        state = load_file(str(weights_path))
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        expected = set(model.state_dict())
+        if config.tie_word_embeddings:
+            expected.discard("lm_head.weight")
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(f"{weights_path} does not match config.json: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        model.load_state_dict(state, strict=False)
+        if dtype is not None:
+            model = model.to(dtype)
+        if device is not None:
+            model = model.to(device)
+        return model
+
+
+def load_config(directory: str | Path) -> MiniGPTConfig:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {directory} (is it a model directory?)")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("model_type") != MODEL_TYPE:
+        raise ValueError(f"{path}: model_type={data.get('model_type')!r} is not a Mini-LLM checkpoint "
+                         f"(expected {MODEL_TYPE!r})")
+    return MiniGPTConfig.from_dict({k: v for k, v in data.items() if k not in _HF_ONLY_KEYS})
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of position t's logits against labels[t + 1], ignoring -100, computed in fp32.
+
+    `reduction="sum"` gives the summed loss, for callers that average over a larger batch themselves
+    (gradient accumulation). A batch with no label gives 0 for the mean rather than NaN.
+    """
+    shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+    if reduction == "sum":
+        return total
+    return total / (shift_labels != -100).sum().clamp(min=1)

@@ -1,0 +1,64 @@
+"""Checkpoints: a Hugging Face model directory (config, safetensors weights, tokenizer), written atomically.
+
+The directory is assembled under a temporary name and renamed into place; an existing checkpoint of
+the same name is moved aside first and deleted only after the new one is in place, so a crash at any
+moment leaves a whole checkpoint (the new one, or the previous one under `NAME.old`, which
+`resolve_checkpoint` picks up).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from minillm.io import atomic_write_json, fsync_dir
+
+OLD_SUFFIX = ".old"
+
+
+def save_checkpoint(directory: str | Path, model: nn.Module, tokenizer: Any = None,
+                    extra_files: dict[str, Any] | None = None) -> Path:
+    """Save `model` (and `tokenizer`, and JSON `extra_files`) as the model directory `directory`."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    old = directory.with_name(directory.name + OLD_SUFFIX)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        generation = {}
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+            generation = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+        model.save_pretrained(tmp, generation_config=generation)
+        for name, data in (extra_files or {}).items():
+            atomic_write_json(tmp / name, data)
+        fsync_dir(tmp)
+        if directory.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        fsync_dir(directory.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def resolve_checkpoint(directory: str | Path) -> Path:
+    """The checkpoint to load for `directory`: itself, or its `.old` copy if a save was interrupted."""
+    directory = Path(directory)
+    if (directory / "config.json").is_file():
+        return directory
+    old = directory.with_name(directory.name + OLD_SUFFIX)
+    if (old / "config.json").is_file():
+        return old
+    raise FileNotFoundError(f"{directory}: not a checkpoint directory (no config.json)")
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

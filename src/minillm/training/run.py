@@ -1,0 +1,249 @@
+"""A training run from a YAML config (or flags): tokenizer → data → model → `Trainer` → checkpoints.
+
+A run config has the shared top-level keys (`stage`, `out_dir`, `init_from`, `max_steps`, `epochs`,
+`eval_every`, `save_every`, `seed`, `precision`, `distributed`) and four sections: `model` (a `preset`
+plus any `MiniGPTConfig` field), `tokenizer`, `data` and `training` (any `TrainingConfig` field).
+Unknown keys are refused with their name, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from minillm.data.builtin import builtin_corpus
+from minillm.data.pretrain import (
+    LanguageModelingDataset,
+    TokenShards,
+    iter_documents,
+    split_train_val,
+    tokenize_corpus,
+    write_token_shards,
+)
+from minillm.io import atomic_write_text
+from minillm.model.config import MiniGPTConfig
+from minillm.model.transformer import MiniGPT
+from minillm.tokenizer import BPETokenizer
+from minillm.training.checkpoint import resolve_checkpoint
+from minillm.training.trainer import PreTrainer, TrainingConfig
+
+logger = logging.getLogger("minillm.training")
+
+STAGES = ("pretrain",)
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
+
+DEFAULTS: dict[str, Any] = {
+    "stage": "pretrain",
+    "out_dir": "runs/pretrain",
+    "init_from": None,  # a checkpoint directory: its weights and tokenizer are the starting point
+    "max_steps": None,  # optimizer steps; null: train for `epochs`
+    "epochs": 1.0,
+    "eval_every": 100,
+    "save_every": 0,
+    "seed": 1337,
+    "precision": "auto",  # auto | fp32 | bf16 | fp16
+    "distributed": "none",
+    "model": {"preset": "tiny"},
+    "tokenizer": {
+        "path": None,  # a tokenizer directory (or model checkpoint); null: train one on the data
+        "vocab_size": 4096,
+        "train_documents": 20000,  # documents of the corpus the tokenizer is trained on
+    },
+    "data": {
+        "source": "builtin",  # "builtin", or a text/JSONL file or directory
+        "num_documents": 20000,  # size of the built-in corpus
+        "lang": "both",  # built-in corpus language: zh | en | both
+        "text_field": "text",  # JSONL field holding the text
+        "max_length": 256,  # tokens per training window
+        "val_fraction": 0.05,
+    },
+    "training": {},
+}
+SHARED_TRAINING_KEYS = ("max_steps", "epochs", "eval_every", "save_every", "seed", "precision")
+
+
+class RunConfigError(ValueError):
+    """A run config that cannot work; the message names the file and key."""
+
+
+# ---------------------------------------------------------------------------------------- config
+def resolve_config_path(name: str | Path) -> Path:
+    """A config file path, or the name of a config shipped in `configs/` (e.g. `pretrain_tiny`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / path.name, CONFIG_DIR / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise RunConfigError(f"config file {name} not found (shipped configs: "
+                         f"{', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.yaml'))) or 'none'})")
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                    values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """DEFAULTS, updated by the YAML file at `path`, then `values`, then `key=value` overrides
+    (dotted keys reach into sections: `model.preset=micro`, `training.lr=3e-4`)."""
+    config = copy.deepcopy(DEFAULTS)
+    source = "defaults"
+    if path is not None:
+        resolved = resolve_config_path(path)
+        source = str(resolved)
+        try:
+            loaded = yaml.safe_load(resolved.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise RunConfigError(f"{resolved}: invalid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise RunConfigError(f"{resolved}: a run config must be a mapping of keys to values")
+        _merge(config, loaded, source)
+    if values:
+        _merge(config, values, "command-line flags")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RunConfigError(f"override {item!r} must look like key=value (e.g. max_steps=100)")
+        nested: dict[str, Any] = {}
+        cursor = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = yaml.safe_load(raw)
+        _merge(config, nested, f"override {item!r}")
+    _validate(config, source)
+    return config
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any], source: str, prefix: str = "") -> None:
+    for key, value in update.items():
+        name = f"{prefix}{key}"
+        if key not in base:
+            if prefix.startswith(("model.", "training.")):
+                base[key] = value  # validated against MiniGPTConfig / TrainingConfig fields below
+                continue
+            raise RunConfigError(f"{source}: unknown key {name!r}; known keys here: {', '.join(base)}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise RunConfigError(f"{source}: {name!r} must be a mapping")
+            _merge(base[key], value, source, f"{name}.")
+        else:
+            base[key] = value
+
+
+def _validate(config: dict[str, Any], source: str) -> None:
+    if config["stage"] not in STAGES:
+        raise RunConfigError(f"{source}: stage={config['stage']!r} is not available; available stages: "
+                             f"{', '.join(STAGES)}")
+    if config["distributed"] not in ("none", None):
+        raise RunConfigError(f"{source}: distributed={config['distributed']!r}: only single-process "
+                             "training ('none') is available")
+    model_fields = set(MiniGPTConfig.__dataclass_fields__) | {"preset"}
+    for key in config["model"]:
+        if key not in model_fields:
+            raise RunConfigError(f"{source}: unknown key 'model.{key}'; use 'preset' or a MiniGPTConfig field")
+    for key in config["training"]:
+        if key not in TrainingConfig.field_names() or key in SHARED_TRAINING_KEYS + ("out_dir",):
+            raise RunConfigError(f"{source}: 'training.{key}' is not a training option here "
+                                 f"(shared keys like max_steps go at the top level)")
+    data = config["data"]
+    if not isinstance(data["max_length"], int) or data["max_length"] < 2:
+        raise RunConfigError(f"{source}: data.max_length must be an integer >= 2, got {data['max_length']!r}")
+
+
+# ---------------------------------------------------------------------------------------- pieces
+def build_tokenizer(config: dict[str, Any], documents: list[str] | None) -> BPETokenizer:
+    spec = config["tokenizer"]
+    if config["init_from"]:
+        return BPETokenizer.from_pretrained(resolve_checkpoint(config["init_from"]))
+    if spec["path"]:
+        path = Path(spec["path"])
+        if not path.exists():
+            raise RunConfigError(f"tokenizer.path={spec['path']!r}: no such directory")
+        return BPETokenizer.from_pretrained(path)
+    tokenizer = BPETokenizer(vocab_size=int(spec["vocab_size"]))
+    source = config["data"]["source"]
+    texts = documents if documents is not None else iter_documents(source, config["data"]["text_field"])
+    sample = []
+    for text in texts:
+        sample.append(text)
+        if len(sample) >= spec["train_documents"]:
+            break
+    tokenizer.train(sample)
+    return tokenizer
+
+
+def build_model(config: dict[str, Any], tokenizer: BPETokenizer) -> MiniGPT:
+    if config["init_from"]:
+        return MiniGPT.from_pretrained(resolve_checkpoint(config["init_from"]))
+    fields = dict(config["model"])
+    preset = fields.pop("preset", None) or "tiny"
+    fields.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return MiniGPT(MiniGPTConfig.from_preset(preset, **fields))
+
+
+def build_token_data(config: dict[str, Any], tokenizer: BPETokenizer, out_dir: Path,
+                     documents: list[str] | None) -> TokenShards:
+    shard_dir = out_dir / "data"
+    if documents is not None:
+        write_token_shards(documents, tokenizer, shard_dir, source="builtin")
+        return TokenShards(shard_dir)
+    return tokenize_corpus(config["data"]["source"], tokenizer, shard_dir, config["data"]["text_field"])
+
+
+def training_config(config: dict[str, Any]) -> TrainingConfig:
+    shared = {key: config[key] for key in SHARED_TRAINING_KEYS}
+    return TrainingConfig(**{**config["training"], **shared, "out_dir": str(config["out_dir"])})
+
+
+# ---------------------------------------------------------------------------------------- the run
+@dataclass
+class PreparedRun:
+    config: dict[str, Any]
+    tokenizer: BPETokenizer
+    model: MiniGPT
+    train_set: LanguageModelingDataset
+    val_set: LanguageModelingDataset | None
+    trainer: PreTrainer
+
+
+def prepare_run(config: dict[str, Any]) -> PreparedRun:
+    """Everything a run needs, built and checked before the first step: a bad corpus, tokenizer or
+    model config fails here, not half-way through training."""
+    out_dir = Path(config["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
+    torch.manual_seed(config["seed"])
+    data = config["data"]
+    documents = None
+    if data["source"] == "builtin":
+        documents = builtin_corpus(int(data["num_documents"]), seed=config["seed"], lang=data["lang"])
+    tokenizer = build_tokenizer(config, documents)
+    tokens = build_token_data(config, tokenizer, out_dir, documents)
+    train_set, val_set = split_train_val(tokens, data["max_length"], data["val_fraction"], tokenizer)
+    model = build_model(config, tokenizer)
+    if len(tokenizer) > model.config.vocab_size:
+        raise RunConfigError(f"tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
+                             f"{model.config.vocab_size}")
+    if data["max_length"] > model.config.max_position_embeddings:
+        raise RunConfigError(f"data.max_length={data['max_length']} exceeds the model's "
+                             f"max_position_embeddings={model.config.max_position_embeddings}")
+    logger.info("model: %.2fM parameters; data: %d training tokens, %d validation tokens",
+                model.num_parameters() / 1e6, train_set.num_tokens(), val_set.num_tokens() if val_set else 0)
+    trainer = PreTrainer(model, tokenizer, training_config(config), train_data=train_set, eval_data=val_set)
+    return PreparedRun(config, tokenizer, model, train_set, val_set, trainer)
+
+
+def run_training(config: dict[str, Any]) -> dict[str, Any]:
+    """Run the stage described by `config` (see `load_run_config`); returns the final metrics."""
+    started = time.time()
+    run = prepare_run(config)
+    result = run.trainer.train()
+    result.update(out_dir=str(config["out_dir"]), parameters=run.model.num_parameters(),
+                  train_tokens=run.train_set.num_tokens(), total_seconds=round(time.time() - started, 1))
+    return result

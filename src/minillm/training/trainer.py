@@ -1,0 +1,362 @@
+"""The one training loop. Every stage is this `Trainer` with another objective (see objectives.py).
+
+A step: take `grad_accum_steps` micro-batches, sum each one's loss, divide by the item count of the
+whole step (so accumulation equals one large batch), backpropagate, clip, step AdamW and the
+warmup-cosine schedule. Validation runs every `eval_every` steps; the best model by validation loss is
+kept in `best/`, the last in `final/`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from minillm.data.pretrain import LanguageModelingDataset, PretrainDataLoader
+from minillm.training.checkpoint import save_checkpoint
+from minillm.training.logging import MetricsLogger
+from minillm.training.objectives import LanguageModelingObjective, Objective
+from minillm.training.schedule import warmup_cosine_schedule
+
+__all__ = ["LanguageModelingDataset", "PreTrainer", "Trainer", "TrainingConfig", "resolve_precision"]
+
+logger = logging.getLogger("minillm.training")
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainingConfig:
+    batch_size: int = 16  # micro-batch size
+    grad_accum_steps: int = 1
+    max_steps: int | None = None  # optimizer steps; None: run `epochs` passes over the data
+    epochs: float = 1.0
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # the cosine schedule ends at lr · min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0: no clipping
+    eval_every: int = 0  # steps; 0: only at the end
+    eval_batches: int = 50  # validation batches per evaluation; 0: the whole validation set
+    save_every: int = 0  # steps between rolling `step_N/` checkpoints; 0: only best/ and final/
+    log_every: int = 10
+    out_dir: str | None = None
+    seed: int = 1337
+    precision: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not supported; allowed: {', '.join(PRECISIONS)}")
+        for name in ("batch_size", "grad_accum_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1 (or null to train by epochs), got {self.max_steps}")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
+# ---------------------------------------------------------------------------------------- precision
+@lru_cache(maxsize=1)
+def cpu_bf16_is_fast() -> bool:
+    """Whether bf16 matrix products beat fp32 on this CPU.
+
+    CPUs without bf16 instructions (AVX512-BF16, AMX) emulate it and run ~100× slower than fp32, so the
+    flags are checked first; where they are present, a short timing confirms the speed-up.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        return False
+    a = torch.randn(384, 384)
+
+    def best_time(dtype: torch.dtype) -> float:
+        x = a.to(dtype)
+        x @ x
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            x @ x
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best_time(torch.bfloat16) * 1.5 < best_time(torch.float32)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device` (None: plain fp32).
+
+    `auto`: bf16 on GPUs that support it, fp16 (with a gradient scaler) on older GPUs, and on CPUs bf16
+    only where it is native and faster, otherwise fp32.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not supported; allowed: {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_bf16_is_fast() else None
+    return None
+
+
+# ---------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Optimise `objective` on `model` over `train_data`; see the module docstring for one step."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any = None,
+        objective: Objective | None = None,
+        config: TrainingConfig | None = None,
+        *,
+        device: str | torch.device | None = None,
+        train_data: Dataset | Iterable | None = None,
+        eval_data: Dataset | Iterable | None = None,
+        **overrides: Any,
+    ) -> None:
+        unknown = set(overrides) - TrainingConfig.field_names()
+        if unknown:
+            raise TypeError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        self.config = replace(config or TrainingConfig(), **overrides)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch.manual_seed(self.config.seed)
+        self.model = model.to(self.device)
+        self.tokenizer = tokenizer
+        self.objective = objective or LanguageModelingObjective()
+        self.train_loader = self._as_loader(train_data, shuffle=True)
+        self.eval_data = eval_data  # batched afresh for each evaluation, so every one scores the same batches
+        self.autocast_dtype = resolve_precision(self.config.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.step = 0
+        self.tokens_seen = 0
+        self.best_val_loss = math.inf
+        self.out_dir = Path(self.config.out_dir) if self.config.out_dir else None
+
+    # ------------------------------------------------------------------ set-up
+    def _as_loader(self, data: Dataset | Iterable | None, shuffle: bool) -> Iterable | None:
+        if data is None or not isinstance(data, Dataset):
+            return data  # already batched (a DataLoader, PretrainDataLoader or any iterable of batches)
+        return PretrainDataLoader(data, self.config.batch_size, shuffle=shuffle, seed=self.config.seed)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _setup_optimizer(self, total_steps: int) -> None:
+        """AdamW with decoupled weight decay on matrices only: norms, biases and embeddings are not decayed."""
+        decay, no_decay = [], []
+        seen: set[int] = set()
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            is_matrix = param.dim() >= 2 and "embed" not in name
+            (decay if is_matrix else no_decay).append(param)
+        cfg = self.config
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                           fused=self.device.type == "cuda")
+        warmup = min(cfg.warmup_steps, max(total_steps // 10, 0))
+        self.scheduler = warmup_cosine_schedule(self.optimizer, warmup, total_steps, cfg.min_lr_ratio)
+
+    def total_steps(self) -> int:
+        if self.config.max_steps is not None:
+            return self.config.max_steps
+        if self.train_loader is None:
+            raise ValueError("no training data given")
+        return max(1, math.ceil(self.config.epochs * len(self.train_loader) / self.config.grad_accum_steps))
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ one optimizer step
+    def _optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Accumulate gradients over `micro_batches` and update once; returns the step's mean loss and metrics."""
+        self.model.train()
+        items = sum(self.objective.count(b) for b in micro_batches)
+        scale = 1.0 / max(items, 1)
+        loss_total = torch.zeros((), device=self.device)
+        metric_totals: dict[str, torch.Tensor] = {}
+        for batch in micro_batches:
+            with self._autocast():
+                out = self.objective(self.model, batch)
+            loss = out.loss_sum * scale
+            self.scaler.scale(loss).backward()
+            loss_total += loss.detach().float()
+            for name, value in out.metrics.items():
+                metric_totals[name] = metric_totals.get(name, 0) + value.float() * scale
+            self.tokens_seen += int(batch["input_ids"].numel())
+        self.scaler.unscale_(self.optimizer)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        return {"loss": loss_total, "grad_norm": grad_norm.detach(), **metric_totals}
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches forever, epoch after epoch."""
+        if self.train_loader is None:
+            raise ValueError("no training data given")
+        while True:
+            empty = True
+            for batch in self.train_loader:
+                empty = False
+                yield self._to_device(batch)
+            if empty:
+                raise ValueError("the training data yields no batch")
+
+    # ------------------------------------------------------------------ public loops
+    def train(self) -> dict[str, float]:
+        """Train for `max_steps` (or `epochs`), validating and saving as configured; returns the last metrics."""
+        cfg = self.config
+        total = self.total_steps()
+        if self.optimizer is None:
+            self._setup_optimizer(total)
+        metrics_log = MetricsLogger(self.out_dir, total, self.step, cfg.progress, type(self).__name__)
+        batches = self._batches()
+        start, window_start, window_tokens, bar_step = time.time(), time.time(), self.tokens_seen, self.step
+        result: dict[str, float] = {}
+        try:
+            while self.step < total:
+                stats = self._optimizer_step([next(batches) for _ in range(cfg.grad_accum_steps)])
+                log_now = self.step % cfg.log_every == 0 or self.step == total
+                if log_now:
+                    now = time.time()
+                    tokens_per_s = (self.tokens_seen - window_tokens) / max(now - window_start, 1e-9)
+                    window_start, window_tokens = now, self.tokens_seen
+                    record = {"step": self.step, **{k: float(v) for k, v in stats.items()},
+                              "lr": self.scheduler.get_last_lr()[0], "tokens": self.tokens_seen,
+                              "tokens_per_s": round(tokens_per_s, 1)}
+                    metrics_log.log(record)
+                    result.update(train_loss=record["loss"])
+                    metrics_log.update_bar(self.step - bar_step, loss=record["loss"], lr=record["lr"],
+                                           tok_s=int(tokens_per_s))
+                    bar_step = self.step
+                if self.eval_data is not None and cfg.eval_every and self.step % cfg.eval_every == 0 \
+                        and self.step < total:
+                    result.update(self._validate(metrics_log))
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.out_dir is not None:
+                    self.save(self.out_dir / f"step_{self.step}")
+            if self.eval_data is not None:
+                result.update(self._validate(metrics_log))
+            if self.out_dir is not None:
+                self.save(self.out_dir / "final")
+        finally:
+            metrics_log.close()
+        elapsed = time.time() - start
+        result.update(steps=self.step, tokens=self.tokens_seen, seconds=round(elapsed, 2))
+        if self.best_val_loss < math.inf:
+            result["best_val_loss"] = self.best_val_loss
+        return result
+
+    def train_epoch(self, dataloader: Iterable | None = None) -> float:
+        """One pass over `dataloader` (default: the training data); returns its token-weighted mean loss."""
+        loader = self._as_loader(dataloader, shuffle=True) if dataloader is not None else self.train_loader
+        if loader is None:
+            raise ValueError("no training data given")
+        accum = self.config.grad_accum_steps
+        if self.optimizer is None:
+            self._setup_optimizer(self.config.max_steps or max(1, math.ceil(len(loader) / accum)))
+        losses, weights, pending = [], [], []
+        for batch in loader:
+            pending.append(self._to_device(batch))
+            if len(pending) == accum:
+                weight = sum(self.objective.count(b) for b in pending)
+                losses.append(float(self._optimizer_step(pending)["loss"]))
+                weights.append(weight)
+                pending = []
+        if pending:
+            weight = sum(self.objective.count(b) for b in pending)
+            losses.append(float(self._optimizer_step(pending)["loss"]))
+            weights.append(weight)
+        if not losses:
+            raise ValueError("the dataloader yields no batch")
+        return sum(loss * w for loss, w in zip(losses, weights)) / max(sum(weights), 1)
+
+    @torch.no_grad()
+    def evaluate(self, dataloader: Iterable | None = None, max_batches: int | None = None) -> dict[str, float]:
+        """Mean validation loss per item (token) and its perplexity."""
+        loader = self._as_loader(dataloader if dataloader is not None else self.eval_data, shuffle=False)
+        if loader is None:
+            raise ValueError("no validation data given")
+        max_batches = self.config.eval_batches if max_batches is None else max_batches
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum, items = 0.0, 0
+        try:
+            for i, batch in enumerate(loader):
+                if max_batches and i >= max_batches:
+                    break
+                batch = self._to_device(batch)
+                with self._autocast():
+                    loss_sum += float(self.objective(self.model, batch).loss_sum)
+                items += self.objective.count(batch)
+        finally:
+            self.model.train(was_training)
+        if items == 0:
+            raise ValueError("the validation data holds no item to score")
+        loss = loss_sum / items
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    def _validate(self, metrics_log: MetricsLogger) -> dict[str, float]:
+        result = self.evaluate()
+        metrics_log.log({"step": self.step, **result})
+        message = f"step {self.step}: val_loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.2f}"
+        if result["val_loss"] < self.best_val_loss:
+            self.best_val_loss = result["val_loss"]
+            if self.out_dir is not None:
+                self.save(self.out_dir / "best")
+                message += " (best, saved)"
+        metrics_log.write(message)
+        return result
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Save the model (and tokenizer) as a Hugging Face model directory, atomically."""
+        return save_checkpoint(directory, self.model, self.tokenizer,
+                               extra_files={"training_config.json": asdict(self.config)})
+
+
+class PreTrainer(Trainer):
+    """`Trainer` with the next-token language-modelling objective."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, config: TrainingConfig | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(model, tokenizer, LanguageModelingObjective(), config, **kwargs)

@@ -1,0 +1,16 @@
+import pytest
+
+from minillm.data.builtin import builtin_corpus
+from minillm.tokenizer import BPETokenizer
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[str]:
+    return builtin_corpus(3000, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(corpus) -> BPETokenizer:
+    tok = BPETokenizer(vocab_size=512)
+    tok.train(corpus)
+    return tok
