@@ -222,12 +222,13 @@ def load_config(directory: str | Path) -> MiniGPTConfig:
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of position t's logits against labels[t + 1], ignoring -100, computed in fp32.
+    """Cross-entropy of position t's logits against labels[t + 1], ignoring -100, in fp32 (or fp64).
 
     `reduction="sum"` gives the summed loss, for callers that average over a larger batch themselves
     (gradient accumulation). A batch with no label gives 0 for the mean rather than NaN.
     """
-    shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
+    shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1])
+    shift_logits = shift_logits.to(torch.promote_types(shift_logits.dtype, torch.float32))
     shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
     total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
     if reduction == "sum":

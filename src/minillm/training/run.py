@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from minillm.data.pretrain import (
     write_token_shards,
 )
 from minillm.io import atomic_write_text
-from minillm.model.config import MiniGPTConfig
+from minillm.model.config import ConfigError, MiniGPTConfig
 from minillm.model.transformer import MiniGPT
 from minillm.tokenizer import BPETokenizer
 from minillm.training.checkpoint import resolve_checkpoint
@@ -69,6 +70,23 @@ DEFAULTS: dict[str, Any] = {
 SHARED_TRAINING_KEYS = ("max_steps", "epochs", "eval_every", "save_every", "seed", "precision")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `5e-4` as a string (it wants `5.0e-4`); learning rates are written that way, so
+    this loader reads any decimal or scientific number as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.inf|\.nan)$", re.IGNORECASE),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 class RunConfigError(ValueError):
     """A run config that cannot work; the message names the file and key."""
 
@@ -96,7 +114,7 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple
         resolved = resolve_config_path(path)
         source = str(resolved)
         try:
-            loaded = yaml.safe_load(resolved.read_text(encoding="utf-8")) or {}
+            loaded = _load_yaml(resolved.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise RunConfigError(f"{resolved}: invalid YAML: {e}") from None
         if not isinstance(loaded, dict):
@@ -113,7 +131,7 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple
         parts = key.split(".")
         for part in parts[:-1]:
             cursor = cursor.setdefault(part, {})
-        cursor[parts[-1]] = yaml.safe_load(raw)
+        cursor[parts[-1]] = _load_yaml(raw)
         _merge(config, nested, f"override {item!r}")
     _validate(config, source)
     return config
@@ -146,6 +164,12 @@ def _validate(config: dict[str, Any], source: str) -> None:
     for key in config["model"]:
         if key not in model_fields:
             raise RunConfigError(f"{source}: unknown key 'model.{key}'; use 'preset' or a MiniGPTConfig field")
+    if not config["init_from"]:  # build the config once now, so a bad model fails before any data work
+        fields = {k: v for k, v in config["model"].items() if k != "preset"}
+        try:
+            MiniGPTConfig.from_preset(config["model"].get("preset") or "tiny", **fields)
+        except ConfigError as e:
+            raise RunConfigError(f"{source}: model: {e}") from None
     for key in config["training"]:
         if key not in TrainingConfig.field_names() or key in SHARED_TRAINING_KEYS + ("out_dir",):
             raise RunConfigError(f"{source}: 'training.{key}' is not a training option here "

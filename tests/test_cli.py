@@ -1,0 +1,130 @@
+"""The `minillm` command: training from flags and configs, generation, tokenizer training, errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from minillm.cli import main
+from minillm.data.builtin import builtin_corpus
+from minillm.model import MiniGPT
+from minillm.tokenizer import BPETokenizer
+from minillm.training.run import CONFIG_DIR, RunConfigError, load_run_config
+
+TINY_MODEL = ["model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=4",
+              "model.num_key_value_heads=2", "model.intermediate_size=128"]
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in builtin_corpus(600)),
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, corpus_file) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    code = main(["train", "--preset", "tiny", "--data", str(corpus_file), "--max-steps", "8",
+                 "--max-length", "64", "--batch-size", "4", "--out-dir", str(out), "--precision", "fp32",
+                 "tokenizer.vocab_size=400", "eval_every=4", "training.progress=false", *TINY_MODEL])
+    assert code == 0
+    return out
+
+
+def test_train_from_flags_writes_a_complete_run_directory(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "data", "best", "final"} <= names
+    config = yaml.safe_load((trained_run / "config.yaml").read_text(encoding="utf-8"))
+    assert config["model"]["preset"] == "tiny" and config["max_steps"] == 8
+    model = MiniGPT.from_pretrained(trained_run / "final")
+    assert model.config.vocab_size == len(BPETokenizer.from_pretrained(trained_run / "final")) == 400
+    assert model.config.hidden_size == 64
+
+
+def test_generate_prints_a_continuation_per_prompt(trained_run, capsys):
+    code = main(["generate", str(trained_run / "final"), "--prompt", "小明有3个苹果，", "--prompt", "Tom has",
+                 "--max-new-tokens", "8", "--seed", "1"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "小明有3个苹果，" in out and "Tom has" in out
+
+
+def test_tokenizer_train_saves_a_loadable_tokenizer(tmp_path, corpus_file, capsys):
+    assert main(["tokenizer", "train", "--data", str(corpus_file), "--vocab-size", "300",
+                 "--out", str(tmp_path / "tok")]) == 0
+    tokenizer = BPETokenizer.from_pretrained(tmp_path / "tok")
+    assert len(tokenizer) == 300
+    assert tokenizer.decode(tokenizer.encode("小红有5本书。")) == "小红有5本书。"
+
+
+def test_shipped_configs_load_and_name_their_stage():
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    assert "pretrain_tiny" in names
+    for name in names:
+        config = load_run_config(name)
+        assert config["stage"] == "pretrain"
+
+
+def test_overrides_and_flags_reach_the_config():
+    config = load_run_config("pretrain_tiny", ["max_steps=7", "model.preset=micro", "training.lr=5e-4"],
+                             {"data": {"source": "x.txt"}})
+    assert config["max_steps"] == 7 and config["model"]["preset"] == "micro"
+    assert config["training"]["lr"] == 5e-4 and config["data"]["source"] == "x.txt"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["max_stepz=3"], "unknown key 'max_stepz'"),
+    (["data.sourc=x"], "unknown key 'data.sourc'"),
+    (["model.preset=huge"], "unknown preset 'huge'"),
+    (["model.num_attention_heads=5"], "num_attention_heads=5 must divide"),
+    (["model.hidden_sise=5"], "unknown key 'model.hidden_sise'"),
+    (["training.max_steps=5"], "shared keys like max_steps go at the top level"),
+    (["stage=ppo"], "stage='ppo' is not available"),
+    (["maxsteps"], "must look like key=value"),
+])
+def test_bad_run_configs_are_refused_naming_the_key(overrides, message):
+    with pytest.raises(RunConfigError, match=message):
+        load_run_config("pretrain_tiny", overrides)
+
+
+def test_bad_input_fails_before_training_with_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "好的开始"}\n{"text": "缺了引号}\n', encoding="utf-8")
+    code = main(["train", "--data", str(bad), "--out-dir", str(tmp_path / "run"), "--max-steps", "2"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: malformed JSON" in err
+    assert not (tmp_path / "run" / "final").exists()
+
+    empty_dir = tmp_path / "nothing"
+    empty_dir.mkdir()
+    assert main(["train", "--data", str(empty_dir), "--out-dir", str(tmp_path / "run2")]) == 2
+    assert "contains no text files" in capsys.readouterr().err
+
+    assert main(["train", "--config", "no_such_config"]) == 2
+    assert "config file no_such_config not found" in capsys.readouterr().err
+
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["generate"], ["quickstart"], ["tokenizer", "train"]])
+def test_every_command_has_help_with_examples(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: minillm" in out
+    if command:
+        assert "examples:" in out
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "minillm"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "quickstart" in result.stdout
