@@ -206,7 +206,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The minimind-26M shape: 512 wide, 8 layers, GQA 8/2, RoPE θ=1e6.
     "minimind-26m": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                          intermediate_size=1408, max_position_embeddings=2048, rope_theta=1e6),
-    # A minimind-style MoE (~95M parameters, ~50M active per token): 4 routed experts, top-2, one shared.
+    # A minimind-style MoE (~95M parameters, ~60M active per token): 4 routed experts, top-2, one shared.
     "minimind-moe": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                          intermediate_size=1408, max_position_embeddings=2048, rope_theta=1e6,
                          num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=1408),
