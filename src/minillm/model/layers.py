@@ -103,13 +103,6 @@ class KVCache:
         self.lengths[layer] = end
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
-    def select(self, batch_indices: torch.Tensor) -> None:
-        """Keep (and reorder) batch rows, e.g. after a beam-search step or when sequences finish."""
-        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
-            if k is not None:
-                self.keys[layer] = k.index_select(0, batch_indices)
-                self.values[layer] = v.index_select(0, batch_indices)
-
 
 class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads (MHA when K = H, MQA when K = 1)."""

@@ -8,7 +8,6 @@ moment leaves a whole checkpoint (the new one, or the previous one under `NAME.o
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -58,7 +57,3 @@ def resolve_checkpoint(directory: str | Path) -> Path:
     if (old / "config.json").is_file():
         return old
     raise FileNotFoundError(f"{directory}: not a checkpoint directory (no config.json)")
-
-
-def read_json(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
