@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from minillm.data.formats import DataError
 from minillm.io import atomic_write_json, fsync_dir
 
 logger = logging.getLogger("minillm.data")
@@ -28,10 +29,6 @@ TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSON_SUFFIXES = (".jsonl", ".json")
 META_FILE = "meta.json"
 SHARD_FORMAT_VERSION = 1
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file (and line) and the reason."""
 
 
 # ---------------------------------------------------------------------------------------- reading
