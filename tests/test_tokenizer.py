@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from minillm.tokenizer import SPECIAL_TOKENS, BPETokenizer
+from minillm.tokenizer.chat import CHAT_TEMPLATES
 
 CHINESE_WORDS = ["我们", "今天", "学习", "语言", "模型", "训练", "数据", "小明", "苹果", "老师", "学生", "中国",
                  "北京", "天气", "很好", "喜欢", "计算", "问题", "答案", "一共", "多少", "个", "买了", "还剩"]
@@ -169,7 +170,7 @@ def test_save_load_round_trip_and_fingerprint(tokenizer, tmp_path):
         "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
     config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["unk_token"] is None
-    assert "chat_template" not in config
+    assert config["chat_template"] == CHAT_TEMPLATES["chatml"]  # every saved tokenizer carries its template
 
     loaded = BPETokenizer.from_pretrained(tmp_path / "tok")
     texts = make_corpus(seed=7, lines=20) + ADVERSARIAL

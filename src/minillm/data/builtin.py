@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from minillm.data.formats import Conversation, LabelledSequence, Message, PreferencePair
+
 LANGS = ("zh", "en", "both")
 KINDS = ("add", "sub", "mul", "div", "two_step")
 HELDOUT_SEED = 10_000_019
@@ -349,3 +351,153 @@ def check_answer(problem: WordProblem | int, response: str) -> bool:
     """True iff the response's final answer equals the problem's (or the given) answer."""
     expected = problem.answer if isinstance(problem, WordProblem) else problem
     return extract_answer(response) == expected
+
+
+# ---------------------------------------------------------------------------------------- stage tasks
+# The same word problems and stories, shaped for each later stage: SFT conversations, preference
+# pairs, RL prompts with a checkable answer, and labelled token sequences for classification.
+
+@dataclass(frozen=True)
+class Identity:
+    """Who the assistant says it is in the identity conversations."""
+
+    name: str = "Mini-LLM"
+    maker: str = "the Mini-LLM project"
+    maker_zh: str = "Mini-LLM 项目"
+
+
+_STORY_REQUESTS = {
+    "zh": ("讲一个小故事吧。", "给我讲个故事。", "请讲一个简短的故事。", "你能讲个睡前故事吗？"),
+    "en": ("Tell me a short story.", "Can you tell me a story?", "Please tell a short story.",
+           "Tell me a bedtime story."),
+}
+_IDENTITY_TURNS = {
+    "zh": (("你是谁？", "我是{name}，一个由{maker_zh}训练的小型语言模型。"),
+           ("你叫什么名字？", "我叫{name}。"),
+           ("是谁开发了你？", "我是由{maker_zh}开发的。"),
+           ("你能做什么？", "我是{name}，可以讲小故事，也可以解答简单的数学应用题。")),
+    "en": (("Who are you?", "I am {name}, a small language model trained by {maker}."),
+           ("What is your name?", "My name is {name}."),
+           ("Who made you?", "I was made by {maker}."),
+           ("What can you do?", "I am {name}. I can tell short stories and solve simple math word problems.")),
+}
+_UNHELPFUL = {"zh": ("我不知道。", "这个问题太难了，我不想回答。", "你自己算吧。"),
+              "en": ("I don't know.", "That is too hard, I would rather not answer.", "Work it out yourself.")}
+TASK_KINDS = ("problem", "story", "identity")
+
+
+def builtin_sft_conversations(n: int, seed: int = 0, lang: str = "both", identity: Identity | None = None,
+                              mix: dict[str, float] | None = None) -> list[Conversation]:
+    """`n` single-turn conversations: word problems answered with worked solutions, short stories on
+    request, and identity questions answered as `identity` (the assistant's name and maker).
+
+    `mix` gives the share of each kind (default: 70% problems, 20% stories, 10% identity).
+    """
+    _check_count("n", n)
+    _check_lang(lang)
+    if seed == HELDOUT_SEED:
+        raise ValueError(f"seed {HELDOUT_SEED} is HELDOUT_SEED, reserved for evaluation; use another seed")
+    mix = mix or {"problem": 0.7, "story": 0.2, "identity": 0.1}
+    unknown = set(mix) - set(TASK_KINDS)
+    if unknown or any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
+        raise ValueError(f"mix must give non-negative shares for {', '.join(TASK_KINDS)}; got {mix}")
+    identity = identity or Identity()
+    rng = random.Random(seed)
+    problems = iter(generate_word_problems(n, seed=seed, lang=lang))
+    stories = iter(generate_stories(n, seed=seed + 1, lang=lang))
+    kinds, weights = zip(*mix.items())
+    conversations = []
+    for _ in range(n):
+        kind = rng.choices(kinds, weights)[0]
+        if kind == "problem":
+            problem = next(problems)
+            user, assistant = problem.question, problem.solution
+        elif kind == "story":
+            story = next(stories)
+            story_lang = "zh" if re.search(r"[\u4e00-\u9fff]", story) else "en"
+            user, assistant = rng.choice(_STORY_REQUESTS[story_lang]), story
+        else:
+            turns = _IDENTITY_TURNS[_pick_lang(rng, lang)]
+            question, answer = rng.choice(turns)
+            user, assistant = question, answer.format(**identity.__dict__)
+        conversations.append(Conversation((Message("user", user), Message("assistant", assistant))))
+    return conversations
+
+
+def _wrong_solution(problem: WordProblem, rng: random.Random) -> str:
+    """The problem's solution with its last step and final answer wrong (off by 1-3, never negative)."""
+    wrong = problem.answer + rng.choice((-3, -2, -1, 1, 2, 3))
+    if wrong < 0:
+        wrong = problem.answer + rng.randint(1, 3)
+    steps, _, final = problem.solution.rpartition(f"= {problem.answer}")
+    before, _, after = final.rpartition(str(problem.answer))
+    return f"{steps}= {wrong}{before}{wrong}{after}"
+
+
+def builtin_preference_pairs(n: int, seed: int = 0, lang: str = "both",
+                             unhelpful_fraction: float = 0.2) -> list[PreferencePair]:
+    """`n` word-problem preference pairs: the right worked solution is chosen over one whose final
+    answer is wrong, or (for `unhelpful_fraction` of them) over an unhelpful refusal."""
+    _check_count("n", n)
+    _check_lang(lang)
+    if not 0.0 <= unhelpful_fraction <= 1.0:
+        raise ValueError(f"unhelpful_fraction must be in [0, 1], got {unhelpful_fraction}")
+    if seed == HELDOUT_SEED:
+        raise ValueError(f"seed {HELDOUT_SEED} is HELDOUT_SEED, reserved for evaluation; use another seed")
+    rng = random.Random(seed)
+    pairs = []
+    for problem in generate_word_problems(n, seed=seed, lang=lang):
+        if rng.random() < unhelpful_fraction:
+            rejected = rng.choice(_UNHELPFUL[problem.lang])
+        else:
+            rejected = _wrong_solution(problem, rng)
+        pairs.append(PreferencePair((Message("user", problem.question),), problem.solution, rejected))
+    return pairs
+
+
+@dataclass(frozen=True)
+class RLPrompt:
+    """A prompt for RL (PPO/GRPO) with the answer the reward function checks against."""
+
+    messages: tuple[Message, ...]
+    answer: int
+    problem: WordProblem
+
+    def reward(self, response: str) -> float:
+        """1.0 for a correct final answer, else 0.0 (the built-in checker)."""
+        return float(check_answer(self.answer, response))
+
+
+def builtin_rl_prompts(n: int, seed: int = 0, lang: str = "both", heldout: bool = False) -> list[RLPrompt]:
+    """`n` word-problem prompts with their answers; `heldout=True` draws from the evaluation seed."""
+    problems = heldout_word_problems(n, lang=lang) if heldout else generate_word_problems(n, seed=seed, lang=lang)
+    return [RLPrompt((Message("user", p.question),), p.answer, p) for p in problems]
+
+
+def labelled_vocab(num_codes: int = 64, num_classes: int = 4) -> dict[str, int]:
+    """Word-level vocabulary of the labelled sequences: specials, `<Z_000>`… codes, `<CLS_0>`… labels."""
+    tokens = ["<PAD>", "<UNK>", "<IMG>", "</IMG>", "<CLS>", "<EOS>"]
+    tokens += [f"<Z_{i:03d}>" for i in range(num_codes)] + [f"<CLS_{k}>" for k in range(num_classes)]
+    return {token: i for i, token in enumerate(tokens)}
+
+
+def builtin_labelled_sequences(n: int, seed: int = 0, num_codes: int = 64, num_classes: int = 4,
+                               length: tuple[int, int] = (8, 24), signal: float = 0.6) -> list[LabelledSequence]:
+    """`n` sequences `<IMG> <Z_…> … </IMG> <CLS> <CLS_k> <EOS>` whose label is learnable from the codes:
+    each class owns a band of codes, and a fraction `signal` of every sequence's codes come from its
+    class's band (the rest are uniform noise), so the majority band decides the label."""
+    _check_count("n", n)
+    if num_classes < 2 or num_codes < num_classes:
+        raise ValueError(f"need num_classes >= 2 and num_codes >= num_classes; got {num_classes}, {num_codes}")
+    if not 0.0 < signal <= 1.0:
+        raise ValueError(f"signal must be in (0, 1], got {signal}")
+    rng = random.Random(seed)
+    band = num_codes // num_classes
+    sequences = []
+    for _ in range(n):
+        label = rng.randrange(num_classes)
+        codes = [rng.randrange(label * band, (label + 1) * band) if rng.random() < signal
+                 else rng.randrange(num_codes) for _ in range(rng.randint(*length))]
+        tokens = ("<IMG>", *(f"<Z_{c:03d}>" for c in codes), "</IMG>", "<CLS>", f"<CLS_{label}>", "<EOS>")
+        sequences.append(LabelledSequence(tokens, label))
+    return sequences

@@ -19,6 +19,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from minillm.io import atomic_write_json, atomic_write_text
+from minillm.tokenizer.chat import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE, render_chat_for
 
 logger = logging.getLogger("minillm.tokenizer")
 
@@ -88,7 +89,8 @@ class BPETokenizer:
         self.bos_token: str | None = EOS_TOKEN  # GPT-2 style: one token marks both document ends
         self.eos_token: str | None = EOS_TOKEN
         self.pad_token: str | None = PAD_TOKEN
-        self.chat_template: str | None = None
+        # Every new tokenizer carries a template, so every saved one does; loading keeps the file's own.
+        self.chat_template: str | None = CHAT_TEMPLATES[DEFAULT_CHAT_TEMPLATE]
         self.model_max_length: int = UNLIMITED_LENGTH
         self._backend: Tokenizer | None = None
 
@@ -183,6 +185,15 @@ class BPETokenizer:
         if any(isinstance(i, (list, tuple)) for i in ids):
             raise ValueError("decode() expects a 1-D sequence of ids; decode each row of a batch separately")
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: Any, add_generation_prompt: bool = False, tokenize: bool = True,
+                            chat_template: str | None = None) -> list[int] | str:
+        """Render a conversation (`Message`s, a `Conversation` or role/content dicts) with the chat
+        template (`chat_template`: a name such as "chatml" or "tags", or a Jinja string; default: this
+        tokenizer's) and return its ids, or the text when `tokenize=False`, as transformers does.
+        For training masks use `minillm.tokenizer.chat.encode_chat`."""
+        text = render_chat_for(self, messages, add_generation_prompt, chat_template)
+        return self.encode(text) if tokenize else text
 
     # ----------------------------------------------------------------------------------- vocabulary
 
