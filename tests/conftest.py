@@ -1,7 +1,13 @@
+import os
+import tempfile
+
 import pytest
 
 from minillm.data.builtin import builtin_corpus
 from minillm.tokenizer import BPETokenizer
+
+# Trained tokenizers are cached per user; tests keep theirs in a throwaway directory.
+os.environ["MINILLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="minillm-test-cache-")
 
 
 @pytest.fixture(scope="session")

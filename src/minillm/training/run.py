@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from minillm.io import atomic_write_text
 from minillm.model.config import ConfigError, MiniGPTConfig
 from minillm.model.transformer import MiniGPT
 from minillm.tokenizer import BPETokenizer
+from minillm.tokenizer.manager import TokenizerManager
+from minillm.tokenizer.pretrained import TokenizerLoadError, load_tokenizer
 from minillm.training.checkpoint import resolve_checkpoint
 from minillm.training.trainer import PreTrainer, TrainingConfig
 
@@ -53,7 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "distributed": "none",
     "model": {"preset": "tiny"},
     "tokenizer": {
-        "path": None,  # a tokenizer directory (or model checkpoint); null: train one on the data
+        "path": None,  # a tokenizer directory, tokenizer.json or tiktoken name; null: train one on the data
         "vocab_size": 4096,
         "train_documents": 20000,  # documents of the corpus the tokenizer is trained on
     },
@@ -185,11 +188,10 @@ def build_tokenizer(config: dict[str, Any], documents: list[str] | None) -> BPET
     if config["init_from"]:
         return BPETokenizer.from_pretrained(resolve_checkpoint(config["init_from"]))
     if spec["path"]:
-        path = Path(spec["path"])
-        if not path.exists():
-            raise RunConfigError(f"tokenizer.path={spec['path']!r}: no such directory")
-        return BPETokenizer.from_pretrained(path)
-    tokenizer = BPETokenizer(vocab_size=int(spec["vocab_size"]))
+        try:
+            return load_tokenizer(spec["path"])
+        except TokenizerLoadError as e:
+            raise RunConfigError(f"tokenizer.path: {e}") from None
     source = config["data"]["source"]
     texts = documents if documents is not None else iter_documents(source, config["data"]["text_field"])
     sample = []
@@ -197,8 +199,13 @@ def build_tokenizer(config: dict[str, Any], documents: list[str] | None) -> BPET
         sample.append(text)
         if len(sample) >= spec["train_documents"]:
             break
-    tokenizer.train(sample)
-    return tokenizer
+    return TokenizerManager(cache_dir()).get_or_train(sample, int(spec["vocab_size"]))
+
+
+def cache_dir() -> Path:
+    """Where trained tokenizers are cached: `$MINILLM_CACHE_DIR`, else `~/.cache/minillm`."""
+    root = os.environ.get("MINILLM_CACHE_DIR") or Path.home() / ".cache" / "minillm"
+    return Path(root) / "tokenizers"
 
 
 def build_model(config: dict[str, Any], tokenizer: BPETokenizer) -> MiniGPT:
