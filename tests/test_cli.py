@@ -113,7 +113,9 @@ def test_bad_input_fails_before_training_with_file_and_line(tmp_path, capsys):
     assert "not a checkpoint directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["generate"], ["quickstart"], ["tokenizer", "train"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["generate"], ["quickstart"], ["tokenizer", "train"],
+                                     ["tokenizer", "eval"], ["data", "download"], ["data", "prepare"],
+                                     ["data", "inspect"]])
 def test_every_command_has_help_with_examples(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
@@ -128,3 +130,44 @@ def test_console_script_is_installed():
     script = Path(sys.executable).parent / "minillm"
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "quickstart" in result.stdout
+
+
+# ------------------------------------------------------------------------------ data and tokenizer commands
+def test_data_download_lists_the_registry_and_reports_offline_clearly(tmp_path, capsys):
+    assert main(["data", "download", "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "tinyshakespeare" in listing and "minimind-sft" in listing
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/corpus.txt"
+    assert main(["data", "download", url, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "could not reach" in err and url in err
+
+
+def test_data_prepare_and_inspect(tmp_path, capsys):
+    raw = tmp_path / "raw.jsonl"
+    texts = builtin_corpus(200, seed=4)
+    lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts + texts[:20]] + ['{"text": broken']
+    raw.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert main(["data", "prepare", str(raw), "--out", str(tmp_path / "clean"), "--val-fraction", "0.1",
+                 "--skip-bad"]) == 0
+    report = capsys.readouterr().out
+    assert "duplicate" in report and "malformed" in report
+    kept = sum(1 for _ in open(tmp_path / "clean" / "train.jsonl")) + sum(1 for _ in open(tmp_path / "clean" / "val.jsonl"))
+    assert kept <= 200
+    assert main(["data", "inspect", str(tmp_path / "clean" / "train.jsonl")]) == 0
+    assert "text" in capsys.readouterr().out
+
+
+def test_tokenizer_eval_compares_tokenizers_side_by_side(tmp_path, corpus_file, capsys):
+    assert main(["tokenizer", "train", "--data", str(corpus_file), "--vocab-size", "300", "--out", str(tmp_path / "a")]) == 0
+    assert main(["tokenizer", "train", "--data", str(corpus_file), "--vocab-size", "800", "--out", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    assert main(["tokenizer", "eval", "--data", str(corpus_file), "--tokenizer", str(tmp_path / "a"),
+                 "--tokenizer", str(tmp_path / "b")]) == 0
+    table = capsys.readouterr().out
+    assert str(tmp_path / "a") in table and str(tmp_path / "b") in table

@@ -20,6 +20,22 @@ EXAMPLES = {
     "generate": """examples:
   minillm generate runs/pretrain_tiny/final --prompt "小明有3个苹果"
   minillm generate runs/pretrain_tiny/final --prompt "Once" --temperature 0 --max-new-tokens 40""",
+    "data download": """examples:
+  minillm data download --list
+  minillm data download tinyshakespeare --out data/raw
+  minillm data download https://example.com/corpus.jsonl --sha256 HEX --out data/raw
+  minillm data download hf:roneneldan/TinyStories/TinyStories-valid.txt --out data/raw""",
+    "data prepare": """examples:
+  minillm data prepare raw.jsonl --out data/clean --val-fraction 0.02
+  minillm data prepare sft_a.jsonl sft_b.json --kind conversation --out data/sft --skip-bad
+  minillm data prepare corpus/ --out data/clean --min-chars 50 --sample 0.1 --normalize NFKC""",
+    "data inspect": """examples:
+  minillm data inspect data/clean/train.jsonl
+  minillm data inspect corpus.txt --tokenizer runs/pretrain_tiny/final
+  minillm data inspect runs/pretrain_tiny/data""",
+    "tokenizer eval": """examples:
+  minillm tokenizer eval --data builtin --tokenizer runs/pretrain_tiny/final --tokenizer cl100k_base
+  minillm tokenizer eval --data corpus.txt --tokenizer gpt2 --tokenizer runs/tok""",
     "quickstart": """examples:
   minillm quickstart
   minillm quickstart --out-dir runs/qs --minutes 3""",
@@ -37,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         return parent.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES.get(key or name),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    tokenizer = commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    tokenizer = commands.add_parser("tokenizer", help="train or compare tokenizers")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
     tok_train = command(tokenizer_commands, "train", "train a byte-level BPE tokenizer on a corpus",
                         "tokenizer train")
@@ -47,6 +63,43 @@ def _parser() -> argparse.ArgumentParser:
                            help="documents of the built-in corpus to train on")
     tok_train.add_argument("--text-field", default="text", help="JSONL field holding the text")
     tok_train.add_argument("--out", required=True, help="directory to save the tokenizer to")
+    tok_eval = command(tokenizer_commands, "eval", "compare tokenizers on a corpus: characters and bytes per token",
+                       "tokenizer eval")
+    tok_eval.add_argument("--data", default="builtin", help="'builtin' or a text/JSONL file or directory")
+    tok_eval.add_argument("--tokenizer", action="append", required=True, dest="tokenizers",
+                          help="a tokenizer directory, tokenizer.json, or tiktoken name (gpt2, cl100k_base); repeat")
+    tok_eval.add_argument("--max-documents", type=int, default=2000)
+
+    data = commands.add_parser("data", help="download, prepare and inspect datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    download = command(data_commands, "download", "download a named public dataset, a URL or a Hub dataset",
+                       "data download")
+    download.add_argument("name", nargs="?", help="a registry name (see --list), an http(s) URL, or hf:owner/name[/path]")
+    download.add_argument("--out", default="data/raw", help="directory to download into")
+    download.add_argument("--sha256", help="expected digest of a single URL")
+    download.add_argument("--force", action="store_true", help="download again even if present and verified")
+    download.add_argument("--list", action="store_true", help="list the registry and exit")
+    prepare = command(data_commands, "prepare",
+                      "clean, de-duplicate, filter, sample and split a dataset, with a report", "data prepare")
+    prepare.add_argument("inputs", nargs="+", help="text/JSONL/JSON files or directories")
+    prepare.add_argument("--out", required=True, help="output directory (train.jsonl, val.jsonl, report.json)")
+    prepare.add_argument("--kind", choices=("text", "conversation", "preference", "labelled"),
+                         help="record kind (default: detected from the first record)")
+    prepare.add_argument("--normalize", default="NFC", choices=("NFC", "NFKC", "none"),
+                         help="Unicode normalisation (NFKC also turns full-width punctuation into ASCII)")
+    prepare.add_argument("--min-chars", type=int, default=1)
+    prepare.add_argument("--max-chars", type=int)
+    prepare.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
+    prepare.add_argument("--near-dup-threshold", type=float, default=0.8,
+                         help="MinHash Jaccard similarity at which a record counts as a near duplicate")
+    prepare.add_argument("--no-near-dup", action="store_true", help="skip near-duplicate removal")
+    prepare.add_argument("--sample", type=float, help="keep this fraction (0-1] or this many records (> 1)")
+    prepare.add_argument("--val-fraction", type=float, default=0.0)
+    prepare.add_argument("--seed", type=int, default=0)
+    prepare.add_argument("--skip-bad", action="store_true", help="skip and count malformed records instead of stopping")
+    inspect = command(data_commands, "inspect", "record counts, lengths and a length histogram", "data inspect")
+    inspect.add_argument("path", help="a text/JSONL/JSON file or directory, or a token shard directory")
+    inspect.add_argument("--tokenizer", help="count tokens with this tokenizer (directory or tiktoken name)")
 
     train = command(commands, "train", "train a model from a YAML config and/or flags")
     train.add_argument("--config", help="a YAML run config, or the name of one in configs/")
@@ -54,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="config overrides, dotted for sections (model.preset=micro)")
     train.add_argument("--preset", help="model preset (model.preset)")
     train.add_argument("--data", help="'builtin' or a text/JSONL file or directory (data.source)")
-    train.add_argument("--tokenizer", help="a tokenizer directory (tokenizer.path); default: train one")
+    train.add_argument("--tokenizer", help="a tokenizer directory, tokenizer.json or tiktoken name "
+                       "(gpt2, cl100k_base) (tokenizer.path); default: train one on the data")
     train.add_argument("--epochs", type=float)
     train.add_argument("--max-steps", type=int)
     train.add_argument("--batch-size", type=int, help="micro-batch size (training.batch_size)")
@@ -116,6 +170,52 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenizer_eval(args: argparse.Namespace) -> int:
+    from minillm.data.builtin import builtin_corpus
+    from minillm.data.pretrain import iter_documents
+    from minillm.tokenizer.manager import evaluate_tokenizers, format_tokenizer_table
+    from minillm.tokenizer.pretrained import load_tokenizer
+
+    if args.data == "builtin":
+        texts = builtin_corpus(args.max_documents, seed=123)
+    else:
+        texts = [t for _, t in zip(range(args.max_documents), iter_documents(args.data))]
+    tokenizers = {spec: load_tokenizer(spec) for spec in args.tokenizers}
+    print(format_tokenizer_table(evaluate_tokenizers(tokenizers, texts)))
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    if args.data_command == "download":
+        from minillm.data.download import DATASETS, download
+
+        if args.list or not args.name:
+            for name, spec in sorted(DATASETS.items()):
+                print(f"{name:20s} {spec.stage:9s} {spec.description}")
+            return 0
+        for path in download(args.name, args.out, sha256=args.sha256, force=args.force):
+            print(path)
+        return 0
+    if args.data_command == "prepare":
+        from minillm.data.prepare import prepare_dataset
+
+        sample = None if args.sample is None else (args.sample if args.sample <= 1 else int(args.sample))
+        report = prepare_dataset(args.inputs, args.out, kind=args.kind,
+                                 normalize=None if args.normalize == "none" else args.normalize,
+                                 min_chars=args.min_chars, max_chars=args.max_chars, dedup=not args.no_dedup,
+                                 near_dup_threshold=None if args.no_near_dup else args.near_dup_threshold,
+                                 sample=sample, val_fraction=args.val_fraction, seed=args.seed,
+                                 skip_bad=args.skip_bad)
+        print(report.format())
+        return 0
+    from minillm.data.prepare import format_inspection, inspect_dataset
+    from minillm.tokenizer.pretrained import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    print(format_inspection(inspect_dataset(args.path, tokenizer=tokenizer)))
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from minillm.inference.generator import GenerationConfig, TextGenerator
     from minillm.model.transformer import MiniGPT
@@ -144,15 +244,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    from minillm.data.pretrain import DataError
+    from minillm.data.formats import DataError
     from minillm.model.config import ConfigError
+    from minillm.tokenizer.pretrained import TokenizerLoadError
     from minillm.training.run import RunConfigError
 
-    handlers = {"train": _train, "generate": _generate, "quickstart": _quickstart}
-    handler = _tokenizer_train if args.command == "tokenizer" else handlers[args.command]
+    handlers = {"train": _train, "generate": _generate, "quickstart": _quickstart, "data": _data}
+    if args.command == "tokenizer":
+        handler = _tokenizer_train if args.tokenizer_command == "train" else _tokenizer_eval
+    else:
+        handler = handlers[args.command]
     try:
         return handler(args)
-    except (DataError, ConfigError, RunConfigError, FileNotFoundError) as e:
+    except (DataError, ConfigError, RunConfigError, TokenizerLoadError, FileNotFoundError) as e:
         print(f"minillm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -3,21 +3,35 @@
 A corpus is tokenized once into `shard_NNNNN.bin` files of uint16 (or uint32 for vocabularies over
 65,536) with a `meta.json` beside them, and read back with `numpy.memmap`: a corpus larger than memory
 trains as fast as a small one, and a second run over the same corpus skips tokenization.
+
+Tokenizing is streamed, so memory stays flat however large the corpus is: JSONL is read line by line,
+a large text file `TEXT_CHUNK_CHARS` characters at a time and cut into parts of about `TEXT_PART_CHARS`
+characters where the tokenizer's pre-tokenizer always splits (so the ids equal those of the whole
+file; EOS follows only the end of a document), batches of parts are encoded while the previous batch
+is written, and tokens go straight into the current shard file. All cores are used: by worker
+processes for a large corpus (`auto_workers`), else by the Rust encoder's own threads.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
+import re
 import shutil
+import sys
+import unicodedata
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
 from minillm.data.formats import DataError
@@ -106,6 +120,136 @@ def _iter_json(file: Path, text_field: str) -> Iterator[str]:
         yield _text_of(record, text_field, f"{file}: item {i}")
 
 
+# ---------------------------------------------------------------------------------------- streaming parts
+# Characters per read of a text file (64-192 KiB of UTF-8): reading costs several times this in
+# transient Python strings (decoding, joining), and larger reads were not measurably faster.
+TEXT_CHUNK_CHARS = 1 << 16
+# Characters per part handed to the encoder: the Rust encoder is fastest on texts of a few thousand
+# characters (about 5.8 MB/s per core at 4-16K characters against 3.6 MB/s for a 1M-character text).
+TEXT_PART_CHARS = 1 << 13
+
+
+class DocumentPart(NamedTuple):
+    """A piece of a document. `write_token_shards` puts EOS after a part with `end=True` only, so a
+    document too large to hold in memory can be tokenized part by part."""
+
+    text: str
+    end: bool
+
+
+# A cut between two characters is safe when every regex pre-tokenizer of the GPT-2 family (this
+# framework's own pattern, GPT-2, cl100k, o200k) starts a new piece there and nothing before the cut
+# looks past it: then tokenizing the parts one by one gives exactly the ids of the whole text.
+# 1. after a line break that follows a non-space character, before a letter or digit ("…。⏎第二段");
+# 2. after a letter or digit, before whitespace ("word| next"), or before a non-ASCII punctuation mark
+#    or symbol ("中文|，"). Rule 1 is preferred; rule 2 only serves text without usable line breaks.
+_AFTER_ALNUM = re.compile(r"[^\W_](?=[^\x00-\x7f\w])|[^\W_](?=\s)")
+
+
+def _is_cut(text: str, i: int, protect: Sequence[str]) -> bool:
+    """No protected string (a special token) spans position `i`."""
+    for token in protect:
+        n = len(token)
+        if n > 1 and text.find(token, max(0, i - n + 1), i + n - 1) != -1:
+            return False
+    return True
+
+
+def _last_safe_cut(text: str, lo: int, hi: int, protect: Sequence[str] = ()) -> int:
+    """The largest safe cut position in [lo, hi] (see the rules above), or -1."""
+    lo, hi = max(lo, 2), min(hi, len(text) - 1)
+    if lo > hi:
+        return -1
+    pos = text.rfind("\n", lo - 1, hi)
+    while pos != -1:
+        i = pos + 1
+        if text[i].isalnum() and not text[pos - 1].isspace() and _is_cut(text, i, protect):
+            return i
+        pos = text.rfind("\n", lo - 1, pos)
+    for span in (256, 8192, len(text)):  # rule 2, searched backwards from `hi` in growing windows
+        start = max(lo - 1, hi - span)
+        for i in reversed([m.end() for m in _AFTER_ALNUM.finditer(text, start, hi + 1)]):
+            if (text[i].isspace() or unicodedata.category(text[i])[0] in "PS") and _is_cut(text, i, protect):
+                return i
+        if start == lo - 1:
+            break
+    return -1
+
+
+def _iter_text_parts(file: Path, chunk_chars: int = TEXT_CHUNK_CHARS, protect: Sequence[str] = (),
+                     part_chars: int = TEXT_PART_CHARS) -> Iterator[DocumentPart]:
+    """A text file, read `chunk_chars` characters at a time, as parts of about `part_chars`
+    characters cut at safe positions (a part grows past that only where no safe cut is near); one
+    document, so only the last part has `end=True`."""
+    margin = max([len(t) for t in protect] + [1])  # never cut closer than this to the text read so far
+    held: list[str] = []  # text without a safe cut in it, waiting for one (only in unusual text)
+    text = ""  # the rest of the text read: cuts are searched here
+    try:
+        with open(file, encoding="utf-8") as f:
+            while block := f.read(chunk_chars):
+                text += block
+                start = 0
+                while len(text) - margin - start > part_chars:
+                    cut = _last_safe_cut(text, start + part_chars // 2, start + part_chars, protect)
+                    if cut == -1:
+                        cut = _last_safe_cut(text, start + 1, len(text) - margin, protect)
+                    if cut == -1:
+                        break
+                    yield DocumentPart("".join(held) + text[start:cut], False)
+                    held, start = [], cut
+                text = text[start:]
+                if len(text) > 2 * part_chars + margin:  # no cut anywhere: hold all but the tail
+                    held.append(text[:-margin - 1])
+                    text = text[-margin - 1:]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{file}: not UTF-8 text ({e.reason})") from None
+    yield DocumentPart("".join(held) + text, True)
+
+
+_PROBE = ("Hello world\n第一段：小明有3个苹果。\nThe answer is 12345, isn't it?  \n"
+          "  indented line\n\nAfter a blank line 你好，世界！\nx\tTab\n数字123。再来\n"
+          "<|endoftext|>\nNext document\n\n\nend of it")
+
+
+def splits_exactly(tokenizer: Any) -> bool:
+    """Whether tokenizing a text in the parts `_iter_text_parts` cuts gives the ids of the whole text.
+
+    True for regex pre-tokenizers of the GPT-2 family (every `BPETokenizer`); False e.g. for a
+    SentencePiece-style tokenizer that marks the start of every text, which then reads a text file whole.
+    """
+    protect = list(getattr(tokenizer, "special_tokens", ()) or ())
+    cuts = [i for i in range(2, len(_PROBE)) if _last_safe_cut(_PROBE, i, i, protect) == i]
+    bounds = [0, *cuts, len(_PROBE)]
+    parts = [_PROBE[a:b] for a, b in zip(bounds, bounds[1:])]
+    try:
+        whole, *pieces = tokenizer.encode_batch([_PROBE, *parts])
+    except Exception:  # a tokenizer that cannot encode the probe is not trusted to split
+        return False
+    return [int(t) for t in whole] == [int(t) for p in pieces for t in p]
+
+
+def iter_document_parts(path: str | Path, text_field: str = "text", chunk_chars: int | None = TEXT_CHUNK_CHARS,
+                        protect: Sequence[str] = (), part_chars: int = TEXT_PART_CHARS) -> Iterator[DocumentPart]:
+    """The documents of a corpus (as `iter_documents`) as `DocumentPart`s: a JSON(L) document is one
+    part; a text file is read `chunk_chars` characters at a time (None: whole) and cut into parts of
+    about `part_chars` characters at positions where tokenizing the parts one by one gives the ids of
+    the whole text (see `splits_exactly`). `protect`: strings a cut must never fall inside (the
+    tokenizer's special tokens)."""
+    for file in find_corpus_files(path):
+        suffix = file.suffix.lower()
+        if suffix == ".jsonl":
+            documents: Iterable[str] = _iter_jsonl(file, text_field)
+        elif suffix == ".json":
+            documents = _iter_json(file, text_field)
+        elif chunk_chars is None:
+            documents = [_read_text(file)]
+        else:
+            yield from _iter_text_parts(file, chunk_chars, protect, part_chars)
+            continue
+        for document in documents:
+            yield DocumentPart(document, True)
+
+
 # ---------------------------------------------------------------------------------------- writing
 @dataclass
 class ShardInfo:
@@ -119,59 +263,248 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
+class _Batch(NamedTuple):
+    texts: list[str]
+    ends: list[bool]  # EOS after texts[i]
+    documents: int  # documents that end in this batch
+
+
+def _batches(documents: Iterable[str | DocumentPart], max_parts: int, max_chars: int) -> Iterator[_Batch]:
+    """Group documents (whole strings or `DocumentPart`s) into batches of at most `max_parts` parts or
+    about `max_chars` characters. A document that is blank from start to end is dropped."""
+    texts: list[str] = []
+    ends: list[bool] = []
+    chars = done = 0
+    held: list[str] = []  # the blank leading parts of the current document: dropped if it stays blank
+    started = False  # the current document has a non-blank part
+    for item in documents:
+        text, end = (item, True) if isinstance(item, str) else item
+        if not started and not text.strip():
+            held = [] if end else [*held, text]
+            continue
+        for part in held:
+            texts.append(part)
+            ends.append(False)
+            chars += len(part)
+        held = []
+        texts.append(text)
+        ends.append(end)
+        chars += len(text)
+        started = not end
+        done += end
+        if len(texts) >= max_parts or chars >= max_chars:
+            yield _Batch(texts, ends, done)
+            texts, ends, chars, done = [], [], 0, 0
+    if started:  # the iterable stopped inside a document: end it
+        texts.append("")
+        ends.append(True)
+        done += 1
+    if texts:
+        yield _Batch(texts, ends, done)
+
+
+def _rust_backend(tokenizer: Any) -> Tokenizer | None:
+    """The `tokenizers.Tokenizer` behind a `BPETokenizer`, or None for other tokenizers."""
+    try:
+        backend = tokenizer.backend
+    except (AttributeError, RuntimeError):
+        return None
+    return backend if isinstance(backend, Tokenizer) else None
+
+
+def _encode_batch(tokenizer: Any, dtype: np.dtype, eos: int, texts: list[str], ends: list[bool],
+                  release: bool = False) -> list[np.ndarray]:
+    """The token ids of a batch as arrays, EOS after every part that ends a document. `release`
+    empties `texts` once encoded, so that the text is not held while the ids are converted."""
+    backend = _rust_backend(tokenizer)
+    if backend is not None:
+        # Straight from the Rust encodings, one Python list at a time (the same ids as encode_batch).
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        encodings = encode(texts, add_special_tokens=False)
+        id_lists: Iterable[Sequence[int]] = (e.ids for e in encodings)
+    else:
+        id_lists = tokenizer.encode_batch(texts)
+    if release:
+        texts.clear()
+    eos_array = np.array([eos], dtype=dtype)
+    pieces = []
+    for ids, end in zip(id_lists, ends):
+        pieces.append(np.asarray(ids, dtype=dtype))
+        if end:
+            pieces.append(eos_array)
+    return pieces
+
+
+_WORKER_STATE: tuple[Any, np.dtype, int] | None = None
+
+
+def _init_worker(tokenizer: Any, dtype: np.dtype, eos: int) -> None:
+    global _WORKER_STATE
+    # One thread per worker process: the processes are the parallelism (and a Rust thread pool
+    # inherited through fork would deadlock).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER_STATE = (tokenizer, dtype, eos)
+
+
+def _encode_in_worker(texts: list[str], ends: list[bool]) -> list[np.ndarray]:
+    assert _WORKER_STATE is not None
+    pieces = _encode_batch(*_WORKER_STATE, texts, ends)
+    return [np.concatenate(pieces)] if pieces else []  # one array pickles much faster than many
+
+
+AUTO_WORKERS_MIN_BYTES = 8 << 20  # below this much text, worker processes cost more than they save
+
+
+def available_cpus() -> int:
+    """CPUs this process may use, capped by RAYON_NUM_THREADS when that is set. (TOKENIZERS_PARALLELISM=
+    false, often set only to silence the fork warning, switches off the Rust threads, not the workers.)"""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    limit = os.environ.get("RAYON_NUM_THREADS", "").strip()
+    if limit.isdigit() and int(limit) > 0:
+        cpus = min(cpus, int(limit))
+    return max(1, cpus)
+
+
+def auto_workers(num_bytes: int | None) -> int:
+    """The `workers` that `write_token_shards` uses when given None: one process per available CPU
+    for a corpus of at least `AUTO_WORKERS_MIN_BYTES` on a machine with two or more, else 0.
+
+    Measured on 2 cores (benchmarks/shard_throughput.py): worker processes keep both cores busy and
+    tokenize ~8 MB/s of JSONL or text, against ~5.5 (JSONL) to ~8 (text) MB/s for the Rust encoder's
+    own threads, whose serial Python share (JSON parsing, id conversion) leaves a core partly idle."""
+    cpus = available_cpus()
+    return cpus if cpus > 1 and num_bytes is not None and num_bytes >= AUTO_WORKERS_MIN_BYTES else 0
+
+
+class _ShardWriter:
+    """Writes a token stream into files of exactly `shard_tokens` tokens (the last one shorter)."""
+
+    def __init__(self, directory: Path, shard_tokens: int) -> None:
+        self.directory = directory
+        self.shard_tokens = shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self._file: Any = None
+        self._name = ""
+        self._count = 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        while tokens.size:
+            if self._file is None:
+                self._name = f"shard_{len(self.shards):05d}.bin"
+                self._file = open(self.directory / self._name, "wb")  # closed in _close / abort
+                self._count = 0
+            take = min(tokens.size, self.shard_tokens - self._count)
+            self._file.write(memoryview(np.ascontiguousarray(tokens[:take])).cast("B"))
+            self._count += take
+            tokens = tokens[take:]
+            if self._count == self.shard_tokens:
+                self._close()
+
+    def _close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        self.shards.append({"file": self._name, "num_tokens": int(self._count)})
+
+    def finish(self) -> list[dict[str, Any]]:
+        if self._file is not None:
+            self._close()
+        return self.shards
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _executor(workers: int, tokenizer: Any, dtype: np.dtype, eos: int) -> Executor:
+    if workers <= 0:
+        # One background thread: the Rust encoder (which releases the GIL and spreads a batch over
+        # its own threads) works on batch k while this thread reads batch k+1 and writes batch k-1.
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="minillm-encode")
+    # fork starts at once and shares the tokenizer; elsewhere (macOS, Windows) spawn pickles it.
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                               initargs=(tokenizer, dtype, eos))
+
+
+def _corpus_chars(documents: Iterable[str | DocumentPart]) -> int | None:
+    """Characters of an in-memory list of documents; None for a stream (not known in advance)."""
+    if not isinstance(documents, (list, tuple)):
+        return None
+    return sum(len(d if isinstance(d, str) else d.text) for d in documents)
+
+
 def write_token_shards(
-    documents: Iterable[str],
+    documents: Iterable[str | DocumentPart],
     tokenizer: Any,
     out_dir: str | Path,
     shard_tokens: int = 2**24,
     batch_documents: int = 512,
     source: str = "",
+    *,
+    workers: int | None = None,
+    batch_chars: int | None = None,
 ) -> ShardInfo:
     """Tokenize `documents` (each followed by the EOS token) into shards under `out_dir`.
+
+    A document is a string, or a run of `DocumentPart`s whose last one has `end=True` (EOS follows
+    only that one): `iter_document_parts` streams a huge text file that way. Documents are encoded in
+    batches of at most `batch_documents` parts or about `batch_chars` characters (default: 2^18 in
+    this process, 2^17 per worker); tokens go straight into the current shard file, so memory does not
+    grow with the corpus. `workers=0` encodes in this process (the Rust encoder spreads a batch over
+    RAYON_NUM_THREADS threads, by default one per core) overlapped with reading and writing;
+    `workers=N` encodes batches in N processes (one thread each), which keeps more of the cores busy
+    and also parallelises tokenizers that are not Rust-backed; None picks with `auto_workers` (for a
+    stream, whose size is unknown: 0). The ids are the same either way.
 
     The shards are written into a temporary sibling directory that is renamed into place at the end,
     so an interrupted run never leaves a half-written dataset behind. Raises `DataError` when the
     corpus has no text at all.
     """
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be at least 1, got {shard_tokens}")
+    if workers is None:
+        workers = auto_workers(_corpus_chars(documents))
+    if batch_chars is None:
+        batch_chars = 1 << 17 if workers > 0 else 1 << 18
     out_dir = Path(out_dir)
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     dtype = token_dtype(len(tokenizer))
     eos = tokenizer.eos_token_id
-    shards: list[dict[str, Any]] = []
-    buffer: list[np.ndarray] = []
-    buffered = num_tokens = num_documents = 0
+    writer = _ShardWriter(tmp_dir, shard_tokens)
+    num_tokens = num_documents = 0
+    in_flight: deque[tuple[Future, int]] = deque()
+    max_in_flight = max(2, 2 * workers)
+    executor = _executor(workers, tokenizer, dtype, eos)
 
-    def flush(limit: int) -> None:
-        """Write shards of exactly `limit` tokens while the buffer holds that many; `limit=0` writes the rest."""
-        nonlocal buffer, buffered
-        tokens = np.concatenate(buffer).astype(dtype, copy=False)
-        while tokens.size and tokens.size >= limit:
-            size = limit or tokens.size
-            name = f"shard_{len(shards):05d}.bin"
-            with open(tmp_dir / name, "wb") as f:
-                f.write(tokens[:size].tobytes())
-                f.flush()
-                os.fsync(f.fileno())
-            shards.append({"file": name, "num_tokens": int(size)})
-            tokens = tokens[size:]
-        buffer, buffered = [tokens], int(tokens.size)
+    def collect() -> None:
+        nonlocal num_tokens, num_documents
+        future, documents_done = in_flight.popleft()
+        for tokens in future.result():
+            writer.write(tokens)
+            num_tokens += int(tokens.size)
+        num_documents += documents_done
 
     try:
-        for batch in _batched(documents, batch_documents):
-            batch = [doc for doc in batch if doc.strip()]
-            if not batch:
-                continue
-            for ids in tokenizer.encode_batch(batch):
-                buffer.append(np.asarray(ids + [eos], dtype=np.int64))
-                buffered += len(ids) + 1
-                num_tokens += len(ids) + 1
-                num_documents += 1
-            if buffered >= shard_tokens:
-                flush(shard_tokens)
-        if buffered:
-            flush(0)
+        for batch in _batches(documents, max(1, batch_documents), max(1, batch_chars)):
+            if workers <= 0:
+                future = executor.submit(_encode_batch, tokenizer, dtype, eos, batch.texts, batch.ends, True)
+            else:
+                future = executor.submit(_encode_in_worker, batch.texts, batch.ends)
+            in_flight.append((future, batch.documents))
+            del batch
+            while len(in_flight) >= max_in_flight or (in_flight and in_flight[0][0].done()):
+                collect()
+        while in_flight:
+            collect()
+        shards = writer.finish()
         if num_documents == 0:
             raise DataError(f"corpus {source or '(given documents)'} is empty: no non-blank document")
         atomic_write_json(tmp_dir / META_FILE, {
@@ -184,20 +517,14 @@ def write_token_shards(
         os.replace(tmp_dir, out_dir)
         fsync_dir(out_dir.parent)
     finally:
+        for future, _ in in_flight:
+            future.cancel()
+        executor.shutdown(wait=True, cancel_futures=True)
+        writer.abort()
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    logger.info("wrote %d tokens from %d documents to %s", num_tokens, num_documents, out_dir)
+    logger.info("wrote %d tokens from %d documents to %s (%s)", num_tokens, num_documents, out_dir,
+                f"{workers} worker processes" if workers > 0 else "in-process")
     return ShardInfo(out_dir, num_tokens, num_documents, dtype.name)
-
-
-def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 # ---------------------------------------------------------------------------------------- reading shards
@@ -240,8 +567,12 @@ class TokenShards:
         return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
 
 
-def tokenize_corpus(source: str | Path, tokenizer: Any, out_dir: str | Path, text_field: str = "text") -> TokenShards:
-    """Shards for a corpus path, reusing `out_dir` when it already holds this corpus and tokenizer."""
+def tokenize_corpus(source: str | Path, tokenizer: Any, out_dir: str | Path, text_field: str = "text",
+                    *, workers: int | None = None) -> TokenShards:
+    """Shards for a corpus path, reusing `out_dir` when it already holds this corpus and tokenizer.
+
+    Text files are streamed in parts (`iter_document_parts`) when `splits_exactly(tokenizer)`, else read
+    whole. `workers` as in `write_token_shards`; None: `auto_workers` for the corpus files' size."""
     out_dir = Path(out_dir)
     source = Path(source)
     stamp = _source_stamp(source)
@@ -250,7 +581,15 @@ def tokenize_corpus(source: str | Path, tokenizer: Any, out_dir: str | Path, tex
         if shards.fingerprint == tokenizer.fingerprint() and shards.meta.get("source_stamp") == stamp:
             logger.info("reusing token shards in %s", out_dir)
             return shards
-    write_token_shards(iter_documents(source, text_field), tokenizer, out_dir, source=str(source))
+    chunk_chars: int | None = TEXT_CHUNK_CHARS
+    if not splits_exactly(tokenizer):
+        logger.warning("this tokenizer gives different ids for a text cut into parts: text files are read whole")
+        chunk_chars = None
+    if workers is None:
+        workers = auto_workers(sum(size for _, size, _ in stamp))
+    protect = list(getattr(tokenizer, "special_tokens", ()) or ())
+    parts = iter_document_parts(source, text_field, chunk_chars=chunk_chars, protect=protect)
+    write_token_shards(parts, tokenizer, out_dir, source=str(source), workers=workers)
     meta = json.loads((out_dir / META_FILE).read_text(encoding="utf-8"))
     atomic_write_json(out_dir / META_FILE, {**meta, "source_stamp": stamp})
     return TokenShards(out_dir)
