@@ -447,10 +447,14 @@ def _scan(path: Path, result: LoadResult, skip_bad: bool) -> Iterator[tuple[int,
                 f"; skipped {len(result.skipped)} bad" if result.skipped else "")
 
 
-def iter_records(path: str | Path, kind: str | None = None, skip_bad: bool = False) -> Iterator[tuple[int, Any]]:
-    """Stream `(line, record)` from a JSONL/JSON file or a directory of them (see `load_records`)."""
+def iter_records(path: str | Path, kind: str | None = None, skip_bad: bool = False,
+                 result: LoadResult | None = None) -> Iterator[tuple[int, Any]]:
+    """Stream `(line, record)` from a JSONL/JSON file or a directory of them (see `load_records`).
+
+    Pass a `LoadResult` as `result` to watch the stream: its `schemas` counts and `skipped` list grow as
+    records are read (its `kind`, if set, is the kind expected)."""
     path = Path(path)
-    yield from _scan(path, LoadResult([], kind or "", {}, path), skip_bad)
+    yield from _scan(path, result if result is not None else LoadResult([], kind or "", {}, path), skip_bad)
 
 
 def load_records(path: str | Path, kind: str | None = None, skip_bad: bool = False) -> LoadResult:

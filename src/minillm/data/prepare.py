@@ -320,13 +320,12 @@ class _Item:
 
 def _iter_json_file(file: Path, kind: str | None, skip_bad: bool) -> Iterator[_Item]:
     """The records of one JSON(L) file through `formats`, interleaved with its bad records (skip_bad)."""
-    # `formats._scan` is the streaming reader behind `iter_records`; it is used directly for what
-    # `iter_records` does not hand out: each record's schema and the bad records it skipped.
+    # The LoadResult passed to `iter_records` reports each record's schema and the bad records skipped.
     result = formats.LoadResult([], kind or "", {}, file)
     counts: dict[str, int] = {}
     reported = 0
     try:
-        for line, record in formats._scan(file, result, skip_bad):
+        for line, record in formats.iter_records(file, kind, skip_bad, result=result):
             for bad in result.skipped[reported:]:
                 yield _Item(file, bad.line, reason=bad.reason)
             reported = len(result.skipped)
