@@ -201,6 +201,11 @@ def _check_count(name: str, value: int) -> None:
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
+def _check_training_seed(seed: int) -> None:
+    if seed == HELDOUT_SEED:
+        raise ValueError(f"seed {HELDOUT_SEED} is HELDOUT_SEED, reserved for evaluation; use another seed")
+
+
 def _check_lang(lang: str) -> None:
     if lang not in LANGS:
         raise ValueError(f"lang must be one of {', '.join(LANGS)}; got {lang!r}")
@@ -321,8 +326,7 @@ def builtin_corpus(n_documents: int, seed: int = 0, lang: str = "both", problem_
     _check_lang(lang)
     if not 0.0 <= problem_fraction <= 1.0:
         raise ValueError(f"problem_fraction must be in [0, 1], got {problem_fraction}")
-    if seed == HELDOUT_SEED:
-        raise ValueError(f"seed {HELDOUT_SEED} is HELDOUT_SEED, reserved for evaluation; use another seed")
+    _check_training_seed(seed)
     n_problems = round(n_documents * problem_fraction)
     documents = [p.text() for p in generate_word_problems(n_problems, seed=seed, lang=lang)]
     documents += generate_stories(n_documents - n_problems, seed=seed, lang=lang)
@@ -395,8 +399,7 @@ def builtin_sft_conversations(n: int, seed: int = 0, lang: str = "both", identit
     """
     _check_count("n", n)
     _check_lang(lang)
-    if seed == HELDOUT_SEED:
-        raise ValueError(f"seed {HELDOUT_SEED} is HELDOUT_SEED, reserved for evaluation; use another seed")
+    _check_training_seed(seed)
     mix = mix or {"problem": 0.7, "story": 0.2, "identity": 0.1}
     unknown = set(mix) - set(TASK_KINDS)
     if unknown or any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
@@ -442,8 +445,7 @@ def builtin_preference_pairs(n: int, seed: int = 0, lang: str = "both",
     _check_lang(lang)
     if not 0.0 <= unhelpful_fraction <= 1.0:
         raise ValueError(f"unhelpful_fraction must be in [0, 1], got {unhelpful_fraction}")
-    if seed == HELDOUT_SEED:
-        raise ValueError(f"seed {HELDOUT_SEED} is HELDOUT_SEED, reserved for evaluation; use another seed")
+    _check_training_seed(seed)
     rng = random.Random(seed)
     pairs = []
     for problem in generate_word_problems(n, seed=seed, lang=lang):

@@ -35,6 +35,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
 from minillm.data.formats import DataError
+from minillm.data.loader import BatchLoader, stack_collate
 from minillm.io import atomic_write_json, fsync_dir
 
 logger = logging.getLogger("minillm.data")
@@ -685,47 +686,9 @@ def split_train_val(data: TokenShards | np.ndarray, max_length: int, val_fractio
             LanguageModelingDataset(data, tokenizer, max_length, start=cut))
 
 
-class PretrainDataLoader:
-    """Batches of windows in a seeded order that is a function of (seed, epoch) alone.
-
-    Because the order does not depend on any global RNG, a resumed run can continue from
-    (`epoch`, `batch_index`) and see exactly the batches the uninterrupted run would have seen.
-    """
+class PretrainDataLoader(BatchLoader):
+    """Batches of packed windows in a seeded, resumable order (see `BatchLoader`)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.drop_last = drop_last
-        self.epoch = 0
-        self.batch_index = 0
-
-    def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def _order(self) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(len(self.dataset))
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return torch.randperm(len(self.dataset), generator=generator)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        order = self._order()
-        while self.batch_index < len(self):
-            indices = order[self.batch_index * self.batch_size:(self.batch_index + 1) * self.batch_size]
-            self.batch_index += 1
-            items = [self.dataset[int(i)] for i in indices]
-            yield {key: torch.stack([item[key] for item in items]) for key in items[0]}
-        self.epoch += 1
-        self.batch_index = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch_index": self.batch_index, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.batch_index, self.seed = state["epoch"], state["batch_index"], state["seed"]
+        super().__init__(dataset, batch_size, stack_collate, shuffle=shuffle, seed=seed, drop_last=drop_last)
