@@ -38,7 +38,12 @@ def trained_run(tmp_path_factory, corpus_file) -> Path:
 
 def test_train_from_flags_writes_a_complete_run_directory(trained_run):
     names = {p.name for p in trained_run.iterdir()}
-    assert {"config.yaml", "metrics.jsonl", "data", "best", "final"} <= names
+    assert {"config.yaml", "metrics.jsonl", "data", "best", "final", "plots", "tensorboard"} <= names
+    for plot in ("loss.png", "lr.png", "throughput.png"):
+        assert (trained_run / "plots" / plot).stat().st_size > 1000
+    assert any(p.stat().st_size > 0 for p in (trained_run / "tensorboard").rglob("events.out.tfevents*"))
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["mfu"] < 1 for r in records if "loss" in r)
     config = yaml.safe_load((trained_run / "config.yaml").read_text(encoding="utf-8"))
     assert config["model"]["preset"] == "tiny" and config["max_steps"] == 8
     model = MiniGPT.from_pretrained(trained_run / "final")
@@ -113,7 +118,7 @@ def test_bad_input_fails_before_training_with_file_and_line(tmp_path, capsys):
     assert "not a checkpoint directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["generate"], ["quickstart"], ["tokenizer", "train"],
+@pytest.mark.parametrize("command", [[], ["train"], ["generate"], ["quickstart"], ["plot"], ["tokenizer", "train"],
                                      ["tokenizer", "eval"], ["data", "download"], ["data", "prepare"],
                                      ["data", "inspect"]])
 def test_every_command_has_help_with_examples(command, capsys):
@@ -171,3 +176,10 @@ def test_tokenizer_eval_compares_tokenizers_side_by_side(tmp_path, corpus_file, 
                  "--tokenizer", str(tmp_path / "b")]) == 0
     table = capsys.readouterr().out
     assert str(tmp_path / "a") in table and str(tmp_path / "b") in table
+
+
+def test_plot_redraws_a_runs_plots(trained_run, capsys):
+    (trained_run / "plots" / "loss.png").unlink()
+    assert main(["plot", str(trained_run)]) == 0
+    assert (trained_run / "plots" / "loss.png").exists()
+    assert "loss.png" in capsys.readouterr().out

@@ -16,7 +16,8 @@ EXAMPLES = {
     "train": """examples:
   minillm train --config configs/pretrain_tiny.yaml
   minillm train --config pretrain_tiny max_steps=100 model.preset=micro training.lr=5e-4
-  minillm train --preset micro --data corpus.txt --epochs 5 --out-dir runs/mine""",
+  minillm train --preset micro --data corpus.txt --epochs 5 --out-dir runs/mine
+  minillm train --config pretrain_tiny save_every=50 --resume      # continue after a crash or Ctrl-C""",
     "generate": """examples:
   minillm generate runs/pretrain_tiny/final --prompt "小明有3个苹果"
   minillm generate runs/pretrain_tiny/final --prompt "Once" --temperature 0 --max-new-tokens 40""",
@@ -36,6 +37,8 @@ EXAMPLES = {
     "tokenizer eval": """examples:
   minillm tokenizer eval --data builtin --tokenizer runs/pretrain_tiny/final --tokenizer cl100k_base
   minillm tokenizer eval --data corpus.txt --tokenizer gpt2 --tokenizer runs/tok""",
+    "plot": """examples:
+  minillm plot runs/pretrain_tiny""",
     "quickstart": """examples:
   minillm quickstart
   minillm quickstart --out-dir runs/qs --minutes 3""",
@@ -117,6 +120,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out-dir")
     train.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
     train.add_argument("--seed", type=int)
+    train.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                       help="continue a run exactly: from the newest checkpoint in out_dir, or from CHECKPOINT")
 
     generate = command(commands, "generate", "generate text from a checkpoint")
     generate.add_argument("checkpoint", help="a model directory (e.g. runs/pretrain_tiny/final)")
@@ -129,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--repetition-penalty", type=float, default=1.0)
     generate.add_argument("--seed", type=int)
 
+    plot = command(commands, "plot", "redraw a run's plots (plots/*.png) from its metrics.jsonl")
+    plot.add_argument("run_dir", help="a run directory holding metrics.jsonl")
+
     quickstart = command(commands, "quickstart",
                          "train a tokenizer and a small model on the built-in corpus, then sample from it")
     quickstart.add_argument("--out-dir", default="runs/quickstart")
@@ -139,18 +147,24 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from minillm.training.run import load_run_config, run_training
+    from minillm.training.trainer import TrainingInterrupted
 
     flags = {"model": {"preset": args.preset} if args.preset else {},
              "data": {k: v for k, v in (("source", args.data), ("max_length", args.max_length)) if v is not None},
              "tokenizer": {"path": args.tokenizer} if args.tokenizer else {},
              "training": {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}}
-    for key in ("epochs", "max_steps", "out_dir", "precision", "seed"):
+    for key in ("epochs", "max_steps", "out_dir", "precision", "seed", "resume"):
         if getattr(args, key) is not None:
             flags[key] = getattr(args, key)
     if args.max_steps is None and args.epochs is not None:
         flags["max_steps"] = None  # --epochs alone means "train by epochs" even if the config sets steps
     config = load_run_config(args.config, args.overrides, flags)
-    result = run_training(config)
+    try:
+        result = run_training(config)
+    except TrainingInterrupted as e:
+        print(f"minillm train: stopped by {e}; continue with: minillm train ... --resume", file=sys.stderr)
+        return 130
+
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
 
@@ -233,6 +247,14 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from minillm.training.plots import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
 def _quickstart(args: argparse.Namespace) -> int:
     from minillm.quickstart import run_quickstart
 
@@ -241,22 +263,29 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options too (`--max-steps 8 model.preset=micro`).
+    if args.command == "train" and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     from minillm.data.formats import DataError
     from minillm.model.config import ConfigError
     from minillm.tokenizer.pretrained import TokenizerLoadError
     from minillm.training.run import RunConfigError
+    from minillm.training.trainer import ResumeError
 
-    handlers = {"train": _train, "generate": _generate, "quickstart": _quickstart, "data": _data}
+    handlers = {"train": _train, "generate": _generate, "quickstart": _quickstart, "data": _data, "plot": _plot}
     if args.command == "tokenizer":
         handler = _tokenizer_train if args.tokenizer_command == "train" else _tokenizer_eval
     else:
         handler = handlers[args.command]
     try:
         return handler(args)
-    except (DataError, ConfigError, RunConfigError, TokenizerLoadError, FileNotFoundError) as e:
+    except (DataError, ConfigError, RunConfigError, ResumeError, TokenizerLoadError, FileNotFoundError) as e:
         print(f"minillm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -8,8 +8,10 @@ moment leaves a whole checkpoint (the new one, or the previous one under `NAME.o
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,15 @@ from minillm.io import atomic_write_json, fsync_dir
 OLD_SUFFIX = ".old"
 
 
+STATE_DIR = "trainer_state"
+STEP_PREFIX = "step_"
+
+
 def save_checkpoint(directory: str | Path, model: nn.Module, tokenizer: Any = None,
-                    extra_files: dict[str, Any] | None = None) -> Path:
-    """Save `model` (and `tokenizer`, and JSON `extra_files`) as the model directory `directory`."""
+                    extra_files: dict[str, Any] | None = None,
+                    write_state: Callable[[Path], None] | None = None) -> Path:
+    """Save `model` (and `tokenizer`, and JSON `extra_files`) as the model directory `directory`;
+    `write_state(dir)` adds the training state (`trainer_state/`) inside the same atomic write."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
@@ -36,6 +44,10 @@ def save_checkpoint(directory: str | Path, model: nn.Module, tokenizer: Any = No
         model.save_pretrained(tmp, generation_config=generation)
         for name, data in (extra_files or {}).items():
             atomic_write_json(tmp / name, data)
+        if write_state is not None:
+            (tmp / STATE_DIR).mkdir()
+            write_state(tmp / STATE_DIR)
+            fsync_dir(tmp / STATE_DIR)
         fsync_dir(tmp)
         if directory.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -57,3 +69,31 @@ def resolve_checkpoint(directory: str | Path) -> Path:
     if (old / "config.json").is_file():
         return old
     raise FileNotFoundError(f"{directory}: not a checkpoint directory (no config.json)")
+
+
+def rolling_checkpoints(out_dir: str | Path) -> list[Path]:
+    """The `step_N/` checkpoints of a run that hold training state, oldest first."""
+    found = []
+    for path in Path(out_dir).glob(f"{STEP_PREFIX}*"):
+        suffix = path.name[len(STEP_PREFIX):]
+        if suffix.isdigit() and (path / STATE_DIR).is_dir():
+            found.append((int(suffix), path))
+    return [path for _, path in sorted(found)]
+
+
+def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` rolling checkpoints."""
+    for path in rolling_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The checkpoint to resume a run from: the newest `step_N/`, or `final/` when it is newer."""
+    candidates = rolling_checkpoints(out_dir)
+    final = Path(out_dir) / "final"
+    if (final / STATE_DIR / "state.json").is_file():
+        step = json.loads((final / STATE_DIR / "state.json").read_text())["step"]
+        newest = int(candidates[-1].name[len(STEP_PREFIX):]) if candidates else -1
+        if step >= newest:
+            return final
+    return candidates[-1] if candidates else None

@@ -35,7 +35,7 @@ from minillm.model.transformer import MiniGPT
 from minillm.tokenizer import BPETokenizer
 from minillm.tokenizer.manager import TokenizerManager
 from minillm.tokenizer.pretrained import TokenizerLoadError, load_tokenizer
-from minillm.training.checkpoint import resolve_checkpoint
+from minillm.training.checkpoint import latest_checkpoint, resolve_checkpoint
 from minillm.training.trainer import PreTrainer, TrainingConfig
 
 logger = logging.getLogger("minillm.training")
@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "stage": "pretrain",
     "out_dir": "runs/pretrain",
     "init_from": None,  # a checkpoint directory: its weights and tokenizer are the starting point
+    "resume": None,  # "latest" (the newest checkpoint in out_dir) or a checkpoint directory
     "max_steps": None,  # optimizer steps; null: train for `epochs`
     "epochs": 1.0,
     "eval_every": 100,
@@ -274,6 +275,12 @@ def run_training(config: dict[str, Any]) -> dict[str, Any]:
     """Run the stage described by `config` (see `load_run_config`); returns the final metrics."""
     started = time.time()
     run = prepare_run(config)
+    if config["resume"]:
+        checkpoint = (latest_checkpoint(config["out_dir"]) if config["resume"] == "latest"
+                      else Path(config["resume"]))
+        if checkpoint is None:
+            raise RunConfigError(f"resume=latest: no checkpoint with training state in {config['out_dir']}")
+        run.trainer.resume(checkpoint)
     result = run.trainer.train()
     result.update(out_dir=str(config["out_dir"]), parameters=run.model.num_parameters(),
                   train_tokens=run.train_set.num_tokens(), total_seconds=round(time.time() - started, 1))

@@ -8,9 +8,13 @@ kept in `best/`, the last in `final/`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import random
+import signal
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
@@ -19,17 +23,24 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
 from minillm.data.pretrain import LanguageModelingDataset, PretrainDataLoader
-from minillm.training.checkpoint import save_checkpoint
+from minillm.io import atomic_write_json
+from minillm.model.transformer import WEIGHTS_FILE
+from minillm.training.checkpoint import STATE_DIR, STEP_PREFIX, prune_checkpoints, save_checkpoint
 from minillm.training.logging import MetricsLogger
+from minillm.training.mfu import mfu_estimator
 from minillm.training.objectives import LanguageModelingObjective, Objective
+from minillm.training.plots import plot_run
 from minillm.training.schedule import warmup_cosine_schedule
 
-__all__ = ["LanguageModelingDataset", "PreTrainer", "Trainer", "TrainingConfig", "resolve_precision"]
+__all__ = ["LanguageModelingDataset", "PreTrainer", "Trainer", "TrainingConfig", "TrainingInterrupted",
+           "resolve_precision"]
 
 logger = logging.getLogger("minillm.training")
 
@@ -52,6 +63,7 @@ class TrainingConfig:
     eval_every: int = 0  # steps; 0: only at the end
     eval_batches: int = 50  # validation batches per evaluation; 0: the whole validation set
     save_every: int = 0  # steps between rolling `step_N/` checkpoints; 0: only best/ and final/
+    keep_last: int = 2  # rolling checkpoints kept (older ones are deleted)
     log_every: int = 10
     out_dir: str | None = None
     seed: int = 1337
@@ -70,7 +82,7 @@ class TrainingConfig:
             raise ValueError(f"epochs must be positive, got {self.epochs}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every"):
+        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "keep_last"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -251,12 +263,18 @@ class Trainer:
         if self.optimizer is None:
             self._setup_optimizer(total)
         metrics_log = MetricsLogger(self.out_dir, total, self.step, cfg.progress, type(self).__name__)
+        estimate_mfu = mfu_estimator(self.model, self.device, self.autocast_dtype)
         batches = self._batches()
         start, window_start, window_tokens, bar_step = time.time(), time.time(), self.tokens_seen, self.step
         result: dict[str, float] = {}
+        stop_signal = _StopSignal()
         try:
             while self.step < total:
-                stats = self._optimizer_step([next(batches) for _ in range(cfg.grad_accum_steps)])
+                if stop_signal.received:
+                    self._save_interrupted(metrics_log, stop_signal.received)
+                micro_batches = [next(batches) for _ in range(cfg.grad_accum_steps)]
+                seq_len = int(micro_batches[0]["input_ids"].shape[-1])
+                stats = self._optimizer_step(micro_batches)
                 log_now = self.step % cfg.log_every == 0 or self.step == total
                 if log_now:
                     now = time.time()
@@ -265,6 +283,8 @@ class Trainer:
                     record = {"step": self.step, **{k: float(v) for k, v in stats.items()},
                               "lr": self.scheduler.get_last_lr()[0], "tokens": self.tokens_seen,
                               "tokens_per_s": round(tokens_per_s, 1)}
+                    if estimate_mfu is not None:
+                        record["mfu"] = round(estimate_mfu(tokens_per_s, seq_len), 5)
                     metrics_log.log(record)
                     result.update(train_loss=record["loss"])
                     metrics_log.update_bar(self.step - bar_step, loss=record["loss"], lr=record["lr"],
@@ -274,13 +294,20 @@ class Trainer:
                         and self.step < total:
                     result.update(self._validate(metrics_log))
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.out_dir is not None:
-                    self.save(self.out_dir / f"step_{self.step}")
+                    self.save(self.out_dir / f"{STEP_PREFIX}{self.step}", with_state=True)
+                    prune_checkpoints(self.out_dir, cfg.keep_last)
             if self.eval_data is not None:
                 result.update(self._validate(metrics_log))
             if self.out_dir is not None:
-                self.save(self.out_dir / "final")
+                self.save(self.out_dir / "final", with_state=True)
         finally:
+            stop_signal.restore()
             metrics_log.close()
+        if self.out_dir is not None and (self.out_dir / "metrics.jsonl").is_file():
+            try:
+                plot_run(self.out_dir)
+            except Exception as e:  # plots are a convenience; a finished run never fails over them
+                logger.warning("could not plot %s: %s", self.out_dir, e)
         elapsed = time.time() - start
         result.update(steps=self.step, tokens=self.tokens_seen, seconds=round(elapsed, 2))
         if self.best_val_loss < math.inf:
@@ -348,10 +375,145 @@ class Trainer:
         metrics_log.write(message)
         return result
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Save the model (and tokenizer) as a Hugging Face model directory, atomically."""
+    def save(self, directory: str | os.PathLike, with_state: bool = False) -> Path:
+        """Save the model (and tokenizer) as a Hugging Face model directory, atomically; `with_state`
+        adds `trainer_state/`, everything `resume` needs to continue the run exactly."""
         return save_checkpoint(directory, self.model, self.tokenizer,
-                               extra_files={"training_config.json": asdict(self.config)})
+                               extra_files={"training_config.json": asdict(self.config)},
+                               write_state=self._write_state if with_state else None)
+
+    def _save_interrupted(self, metrics_log: MetricsLogger, signum: int) -> None:
+        if self.out_dir is not None:
+            directory = self.save(self.out_dir / f"{STEP_PREFIX}{self.step}", with_state=True)
+            metrics_log.write(f"{signal.Signals(signum).name} at step {self.step}: saved {directory}; "
+                              "continue with --resume")
+        raise TrainingInterrupted(signum, self.step)
+
+    # ------------------------------------------------------------------ exact resume
+    def _write_state(self, directory: Path) -> None:
+        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        torch.save({"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   directory / "state.pt")
+        numpy_rng = np.random.get_state()
+        atomic_write_json(directory / "state.json", {
+            "step": self.step, "tokens_seen": self.tokens_seen,
+            "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
+            "loader": self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None,
+            "training_config": asdict(self.config),
+            "model_config": self.model.config.to_dict() if hasattr(self.model, "config") else None,
+            "data": self._data_signature(),
+            "python_rng": _jsonable(random.getstate()),
+            "numpy_rng": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],
+        })
+
+    def _data_signature(self) -> dict[str, int] | None:
+        dataset = getattr(self.train_loader, "dataset", None)
+        if dataset is None:
+            return None
+        signature = {"items": len(dataset)}
+        if hasattr(dataset, "num_tokens"):
+            signature["tokens"] = int(dataset.num_tokens())
+        return signature
+
+    def resume(self, directory: str | os.PathLike) -> None:
+        """Continue from a checkpoint saved with training state: weights, optimizer, schedule, gradient
+        scaler, step, every RNG and the data position, so the run goes on exactly as if never stopped.
+
+        Changes that would make it a different run (the model's shape, the data, the batch size, the
+        seed) are refused; harmless ones (more steps, another log or eval interval) are allowed."""
+        directory = Path(directory)
+        state_dir = directory / STATE_DIR
+        if not (state_dir / "state.json").is_file():
+            raise FileNotFoundError(f"{directory}: no {STATE_DIR}/ to resume from (was it saved by a run?)")
+        state = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
+        self._check_resumable(state, directory)
+        weights = load_file(str(directory / WEIGHTS_FILE), device=str(self.device))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if unexpected or [k for k in missing if k != "lm_head.weight"]:
+            raise ValueError(f"{directory}: weights do not match the model (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+        self._setup_optimizer(self.total_steps())
+        self.optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", map_location=self.device,
+                                                  weights_only=True))
+        tensors = torch.load(state_dir / "state.pt", weights_only=True)
+        self.scheduler.load_state_dict(tensors["scheduler"])
+        self.scaler.load_state_dict(tensors["scaler"])
+        torch.set_rng_state(tensors["torch_rng"])
+        if tensors["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(tensors["cuda_rng"])
+        random.setstate(_tupled(state["python_rng"]))
+        name, keys, *rest = state["numpy_rng"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+        if state["loader"] is not None and hasattr(self.train_loader, "load_state_dict"):
+            self.train_loader.load_state_dict(state["loader"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.best_val_loss = math.inf if state["best_val_loss"] is None else state["best_val_loss"]
+        logger.info("resumed from %s at step %d", directory, self.step)
+
+    def _check_resumable(self, state: dict[str, Any], directory: Path) -> None:
+        saved_model = state.get("model_config")
+        if saved_model is not None and hasattr(self.model, "config"):
+            now = self.model.config.to_dict()
+            changed = sorted(k for k in set(now) | set(saved_model)
+                             if k not in _HARMLESS_MODEL_FIELDS and now.get(k) != saved_model.get(k))
+            if changed:
+                raise ResumeError(f"cannot resume from {directory}: the model changed ({', '.join(changed)})")
+        if state.get("data") is not None and state["data"] != self._data_signature():
+            raise ResumeError(f"cannot resume from {directory}: the training data changed "
+                             f"(saved {state['data']}, now {self._data_signature()})")
+        saved = state["training_config"]
+        changed = [k for k in _RUN_DEFINING_FIELDS if saved.get(k) != getattr(self.config, k)]
+        if changed:
+            raise ResumeError(f"cannot resume from {directory}: {', '.join(changed)} changed "
+                             f"({', '.join(f'{k}: {saved.get(k)} -> {getattr(self.config, k)}' for k in changed)})")
+
+
+# Resuming with another batch size or seed would see other batches: a different run, so it is refused.
+_RUN_DEFINING_FIELDS = ("batch_size", "grad_accum_steps", "seed")
+_HARMLESS_MODEL_FIELDS = ("gradient_checkpointing", "extra")
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot continue this run; the message says what changed."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training; a checkpoint with training state was saved first."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"{signal.Signals(signum).name} at step {step}")
+        self.signum, self.step = signum, step
+
+
+class _StopSignal:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps, so a step is never cut in half;
+    a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tupled(value: Any) -> Any:
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
 
 
 class PreTrainer(Trainer):
