@@ -69,10 +69,10 @@ def test_tokenizer_train_saves_a_loadable_tokenizer(tmp_path, corpus_file, capsy
 
 def test_shipped_configs_load_and_name_their_stage():
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    assert "pretrain_tiny" in names
+    assert {"pretrain_tiny", "sft_tiny"} <= set(names)
     for name in names:
         config = load_run_config(name)
-        assert config["stage"] == "pretrain"
+        assert config["stage"] == name.split("_")[0]
 
 
 def test_overrides_and_flags_reach_the_config():
@@ -90,6 +90,7 @@ def test_overrides_and_flags_reach_the_config():
     (["model.hidden_sise=5"], "unknown key 'model.hidden_sise'"),
     (["training.max_steps=5"], "shared keys like max_steps go at the top level"),
     (["stage=ppo"], "stage='ppo' is not available"),
+    (["distributed=ddp"], "only single-process"),
     (["maxsteps"], "must look like key=value"),
 ])
 def test_bad_run_configs_are_refused_naming_the_key(overrides, message):
@@ -183,3 +184,15 @@ def test_plot_redraws_a_runs_plots(trained_run, capsys):
     assert main(["plot", str(trained_run)]) == 0
     assert (trained_run / "plots" / "loss.png").exists()
     assert "loss.png" in capsys.readouterr().out
+
+
+def test_dry_run_prints_the_memory_estimate_without_training(tmp_path, capsys):
+    assert main(["train", "--config", "pretrain_small", "--out-dir", str(tmp_path / "run"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "training memory estimate" in out and "activations" in out and "total" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_metrics_record_memory(trained_run):
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["rss_mb"] > 0 and r["peak_rss_mb"] >= r["rss_mb"] for r in records if "loss" in r)

@@ -17,7 +17,8 @@ EXAMPLES = {
   minillm train --config configs/pretrain_tiny.yaml
   minillm train --config pretrain_tiny max_steps=100 model.preset=micro training.lr=5e-4
   minillm train --preset micro --data corpus.txt --epochs 5 --out-dir runs/mine
-  minillm train --config pretrain_tiny save_every=50 --resume      # continue after a crash or Ctrl-C""",
+  minillm train --config pretrain_tiny save_every=50 --resume      # continue after a crash or Ctrl-C
+  minillm train --config pretrain_small --dry-run                    # memory estimate, nothing allocated""",
     "generate": """examples:
   minillm generate runs/pretrain_tiny/final --prompt "小明有3个苹果"
   minillm generate runs/pretrain_tiny/final --prompt "Once" --temperature 0 --max-new-tokens 40""",
@@ -120,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out-dir")
     train.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
     train.add_argument("--seed", type=int)
+    train.add_argument("--dry-run", action="store_true",
+                       help="print the memory one training step needs (weights, gradients, optimizer, "
+                       "activations) and exit without building anything")
     train.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                        help="continue a run exactly: from the newest checkpoint in out_dir, or from CHECKPOINT")
 
@@ -159,6 +163,11 @@ def _train(args: argparse.Namespace) -> int:
     if args.max_steps is None and args.epochs is not None:
         flags["max_steps"] = None  # --epochs alone means "train by epochs" even if the config sets steps
     config = load_run_config(args.config, args.overrides, flags)
+    if args.dry_run:
+        from minillm.training.run import estimate_run_memory
+
+        print(estimate_run_memory(config).format())
+        return 0
     try:
         result = run_training(config)
     except TrainingInterrupted as e:

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from minillm.data.builtin import builtin_corpus, check_answer, heldout_word_problems
+from minillm.data.builtin import builtin_corpus
 from minillm.data.pretrain import PretrainDataLoader
+from minillm.evaluation.word_problems import word_problem_accuracy
 from minillm.inference.generator import GenerationConfig, TextGenerator
 from minillm.training.run import load_run_config, prepare_run
 
@@ -43,14 +44,6 @@ def measure_step_seconds(trainer: Any, steps: int = 3) -> float:
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
     return sorted(times[1:])[len(times[1:]) // 2]
-
-
-def word_problem_accuracy(generator: TextGenerator, n: int = 40) -> float:
-    """Greedy answers to held-out built-in word problems, scored by the built-in checker."""
-    problems = heldout_word_problems(n)
-    answers = generator.generate([p.question + "\n" for p in problems],
-                                 GenerationConfig(max_new_tokens=40, do_sample=False, stop_strings=["\n\n"]))
-    return sum(check_answer(p, a) for p, a in zip(problems, answers)) / n
 
 
 def unigram_entropy(documents: list[str], tokenizer: Any) -> float:
@@ -89,7 +82,7 @@ def run_quickstart(out_dir: Path = Path("runs/quickstart"), minutes: float = 5.0
                                                                          top_p=0.95, seed=0))
     for prompt, text in zip(SAMPLE_PROMPTS, samples):
         print(f"  {prompt}{text.rstrip()}\n")
-    accuracy = word_problem_accuracy(generator)
+    accuracy, _ = word_problem_accuracy(generator, 40, chat=False)
     result.update(unigram_entropy=entropy, heldout_word_problem_accuracy=accuracy,
                   minutes=round((time.time() - started) / 60, 2), out_dir=str(out_dir))
     print(f"validation loss {result['val_loss']:.3f} nats/token (perplexity {math.exp(result['val_loss']):.2f}); "

@@ -51,6 +51,9 @@ class ConversationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def num_tokens(self) -> int:
+        return sum(self.lengths)
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         ids, labels = self.items[index]
         return {"input_ids": ids, "labels": labels}

@@ -1,7 +1,8 @@
 """Training: one `Trainer`, an objective per stage, checkpoints, schedules and logging."""
 
+from minillm.training.memory import MemoryConfig, MemoryMonitor
 from minillm.training.objectives import LanguageModelingObjective, Objective, ObjectiveOutput
-from minillm.training.trainer import PreTrainer, Trainer, TrainingConfig, resolve_precision
+from minillm.training.trainer import PreTrainer, SFTTrainer, Trainer, TrainingConfig, resolve_precision
 
-__all__ = ["LanguageModelingObjective", "Objective", "ObjectiveOutput", "PreTrainer", "Trainer",
+__all__ = ["MemoryConfig", "MemoryMonitor", "SFTTrainer", "LanguageModelingObjective", "Objective", "ObjectiveOutput", "PreTrainer", "Trainer",
            "TrainingConfig", "resolve_precision"]

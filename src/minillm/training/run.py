@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import random
 import re
 import time
 from dataclasses import dataclass
@@ -19,28 +20,31 @@ from typing import Any
 
 import torch
 import yaml
+from torch.utils.data import Dataset
 
-from minillm.data.builtin import builtin_corpus
+from minillm.data.builtin import Identity, builtin_corpus, builtin_sft_conversations
+from minillm.data.formats import Conversation, load_records
 from minillm.data.pretrain import (
-    LanguageModelingDataset,
     TokenShards,
     iter_documents,
     split_train_val,
     tokenize_corpus,
     write_token_shards,
 )
+from minillm.data.sft import ConversationDataset
 from minillm.io import atomic_write_text
 from minillm.model.config import ConfigError, MiniGPTConfig
-from minillm.model.transformer import MiniGPT
+from minillm.model.transformer import MiniGPT, load_config
 from minillm.tokenizer import BPETokenizer
 from minillm.tokenizer.manager import TokenizerManager
 from minillm.tokenizer.pretrained import TokenizerLoadError, load_tokenizer
 from minillm.training.checkpoint import latest_checkpoint, resolve_checkpoint
-from minillm.training.trainer import PreTrainer, TrainingConfig
+from minillm.training.memory import MemoryEstimate, estimate_memory
+from minillm.training.trainer import PreTrainer, SFTTrainer, Trainer, TrainingConfig, resolve_precision
 
 logger = logging.getLogger("minillm.training")
 
-STAGES = ("pretrain",)
+STAGES = ("pretrain", "sft")
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
 
 DEFAULTS: dict[str, Any] = {
@@ -68,6 +72,8 @@ DEFAULTS: dict[str, Any] = {
         "text_field": "text",  # JSONL field holding the text
         "max_length": 256,  # tokens per training window
         "val_fraction": 0.05,
+        "skip_bad": False,  # skip (and count) malformed records instead of stopping
+        "identity": None,  # sft on builtin data: {name, maker, maker_zh} of the assistant
     },
     "training": {},
 }
@@ -239,9 +245,9 @@ class PreparedRun:
     config: dict[str, Any]
     tokenizer: BPETokenizer
     model: MiniGPT
-    train_set: LanguageModelingDataset
-    val_set: LanguageModelingDataset | None
-    trainer: PreTrainer
+    train_set: Dataset
+    val_set: Dataset | None
+    trainer: Trainer
 
 
 def prepare_run(config: dict[str, Any]) -> PreparedRun:
@@ -251,6 +257,8 @@ def prepare_run(config: dict[str, Any]) -> PreparedRun:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
     torch.manual_seed(config["seed"])
+    if config["stage"] == "sft":
+        return prepare_sft(config)
     data = config["data"]
     documents = None
     if data["source"] == "builtin":
@@ -259,16 +267,85 @@ def prepare_run(config: dict[str, Any]) -> PreparedRun:
     tokens = build_token_data(config, tokenizer, out_dir, documents)
     train_set, val_set = split_train_val(tokens, data["max_length"], data["val_fraction"], tokenizer)
     model = build_model(config, tokenizer)
-    if len(tokenizer) > model.config.vocab_size:
-        raise RunConfigError(f"tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
-                             f"{model.config.vocab_size}")
-    if data["max_length"] > model.config.max_position_embeddings:
-        raise RunConfigError(f"data.max_length={data['max_length']} exceeds the model's "
-                             f"max_position_embeddings={model.config.max_position_embeddings}")
+    _check_fits(config, model, tokenizer)
     logger.info("model: %.2fM parameters; data: %d training tokens, %d validation tokens",
                 model.num_parameters() / 1e6, train_set.num_tokens(), val_set.num_tokens() if val_set else 0)
     trainer = PreTrainer(model, tokenizer, training_config(config), train_data=train_set, eval_data=val_set)
     return PreparedRun(config, tokenizer, model, train_set, val_set, trainer)
+
+
+def load_conversations(config: dict[str, Any]) -> list[Conversation]:
+    data = config["data"]
+    if data["source"] == "builtin":
+        identity = Identity(**data["identity"]) if data["identity"] else None
+        return builtin_sft_conversations(int(data["num_documents"]), seed=config["seed"], lang=data["lang"],
+                                         identity=identity)
+    conversations = load_records(data["source"], kind="conversation", skip_bad=data["skip_bad"]).records
+    random.Random(config["seed"]).shuffle(conversations)
+    return conversations
+
+
+def prepare_sft(config: dict[str, Any]) -> PreparedRun:
+    """SFT: conversations through the chat template, loss on the assistant replies only."""
+    data = config["data"]
+    conversations = load_conversations(config)
+    if not config["init_from"]:
+        logger.warning("stage sft without init_from: fine-tuning a randomly initialised model")
+    texts = [m.content for c in conversations for m in c.messages]
+    tokenizer = build_tokenizer(config, texts)
+    n_val = int(len(conversations) * data["val_fraction"])
+    train_set = ConversationDataset(conversations[n_val:], tokenizer, data["max_length"])
+    val_set = ConversationDataset(conversations[:n_val], tokenizer, data["max_length"]) if n_val else None
+    model = build_model(config, tokenizer)
+    _check_fits(config, model, tokenizer)
+    logger.info("model: %.2fM parameters; %d training and %d validation conversations",
+                model.num_parameters() / 1e6, len(train_set), len(val_set) if val_set else 0)
+    trainer = SFTTrainer(model, tokenizer, training_config(config), train_data=train_set, eval_data=val_set)
+    return PreparedRun(config, tokenizer, model, train_set, val_set, trainer)
+
+
+def _check_fits(config: dict[str, Any], model: MiniGPT, tokenizer: BPETokenizer) -> None:
+    if len(tokenizer) > model.config.vocab_size:
+        raise RunConfigError(f"tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
+                             f"{model.config.vocab_size}")
+    if config["data"]["max_length"] > model.config.max_position_embeddings:
+        raise RunConfigError(f"data.max_length={config['data']['max_length']} exceeds the model's "
+                             f"max_position_embeddings={model.config.max_position_embeddings}")
+
+
+_TIKTOKEN_VOCAB = {"gpt2": 50257, "cl100k_base": 100277}
+
+
+def run_model_config(config: dict[str, Any]) -> MiniGPTConfig:
+    """The model config a run will train, from the run config alone (no model, no data, no download)."""
+    if config["init_from"]:
+        return load_config(resolve_checkpoint(config["init_from"]))
+    fields = dict(config["model"])
+    preset = fields.pop("preset", None) or "tiny"
+    if "vocab_size" not in fields:
+        path = config["tokenizer"]["path"]
+        if path in _TIKTOKEN_VOCAB and not Path(path).exists():
+            fields["vocab_size"] = _TIKTOKEN_VOCAB[path]
+        elif path:
+            try:
+                fields["vocab_size"] = len(load_tokenizer(path))
+            except TokenizerLoadError as e:
+                raise RunConfigError(f"tokenizer.path: {e}") from None
+        else:
+            fields["vocab_size"] = int(config["tokenizer"]["vocab_size"])  # the tokenizer to be trained
+    fields.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return MiniGPTConfig.from_preset(preset, **fields)
+
+
+def estimate_run_memory(config: dict[str, Any], device: str | None = None) -> MemoryEstimate:
+    """`minillm train --dry-run`: the memory one training step of this run needs, before allocating it."""
+    model_config = run_model_config(config)
+    training = training_config(config)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_precision(training.precision, device)
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return estimate_memory(model_config, training.batch_size, int(config["data"]["max_length"]),
+                           precision=precision, gradient_checkpointing=model_config.gradient_checkpointing)
 
 
 def run_training(config: dict[str, Any]) -> dict[str, Any]:
@@ -283,5 +360,5 @@ def run_training(config: dict[str, Any]) -> dict[str, Any]:
         run.trainer.resume(checkpoint)
     result = run.trainer.train()
     result.update(out_dir=str(config["out_dir"]), parameters=run.model.num_parameters(),
-                  train_tokens=run.train_set.num_tokens(), total_seconds=round(time.time() - started, 1))
+                  train_tokens=int(run.train_set.num_tokens()), total_seconds=round(time.time() - started, 1))
     return result

@@ -29,17 +29,19 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
+from minillm.data.loader import BatchLoader, pad_collate
 from minillm.data.pretrain import LanguageModelingDataset, PretrainDataLoader
 from minillm.io import atomic_write_json
 from minillm.model.transformer import WEIGHTS_FILE
 from minillm.training.checkpoint import STATE_DIR, STEP_PREFIX, prune_checkpoints, save_checkpoint
 from minillm.training.logging import MetricsLogger
+from minillm.training.memory import MemoryMonitor
 from minillm.training.mfu import mfu_estimator
 from minillm.training.objectives import LanguageModelingObjective, Objective
 from minillm.training.plots import plot_run
 from minillm.training.schedule import warmup_cosine_schedule
 
-__all__ = ["LanguageModelingDataset", "PreTrainer", "Trainer", "TrainingConfig", "TrainingInterrupted",
+__all__ = ["LanguageModelingDataset", "PreTrainer", "SFTTrainer", "Trainer", "TrainingConfig", "TrainingInterrupted",
            "resolve_precision"]
 
 logger = logging.getLogger("minillm.training")
@@ -179,9 +181,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
     def _as_loader(self, data: Dataset | Iterable | None, shuffle: bool) -> Iterable | None:
+        """A `BatchLoader` over a dataset: stacked when its items have one length (packed windows),
+        padded and length-grouped when it reports per-item `lengths` (conversations, pairs)."""
         if data is None or not isinstance(data, Dataset):
-            return data  # already batched (a DataLoader, PretrainDataLoader or any iterable of batches)
-        return PretrainDataLoader(data, self.config.batch_size, shuffle=shuffle, seed=self.config.seed)
+            return data  # already batched (a DataLoader, BatchLoader or any iterable of batches)
+        lengths = getattr(data, "lengths", None)
+        if lengths is None:
+            return PretrainDataLoader(data, self.config.batch_size, shuffle=shuffle, seed=self.config.seed)
+        pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
+        return BatchLoader(data, self.config.batch_size, pad_collate(pad_id), shuffle=shuffle,
+                           seed=self.config.seed, lengths=lengths)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -264,6 +273,7 @@ class Trainer:
             self._setup_optimizer(total)
         metrics_log = MetricsLogger(self.out_dir, total, self.step, cfg.progress, type(self).__name__)
         estimate_mfu = mfu_estimator(self.model, self.device, self.autocast_dtype)
+        memory = MemoryMonitor(self.device)
         batches = self._batches()
         start, window_start, window_tokens, bar_step = time.time(), time.time(), self.tokens_seen, self.step
         result: dict[str, float] = {}
@@ -285,6 +295,8 @@ class Trainer:
                               "tokens_per_s": round(tokens_per_s, 1)}
                     if estimate_mfu is not None:
                         record["mfu"] = round(estimate_mfu(tokens_per_s, seq_len), 5)
+                    record.update(memory.snapshot())
+                    memory.reset_peak()  # each record's peak covers its own log window
                     metrics_log.log(record)
                     result.update(train_loss=record["loss"])
                     metrics_log.update_bar(self.step - bar_step, loss=record["loss"], lr=record["lr"],
@@ -518,6 +530,15 @@ def _tupled(value: Any) -> Any:
 
 class PreTrainer(Trainer):
     """`Trainer` with the next-token language-modelling objective."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, config: TrainingConfig | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(model, tokenizer, LanguageModelingObjective(), config, **kwargs)
+
+
+class SFTTrainer(Trainer):
+    """`Trainer` with the language-modelling objective on conversations: the labels of a
+    `ConversationDataset` are -100 everywhere but the assistant replies, so only those are learned."""
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, config: TrainingConfig | None = None,
                  **kwargs: Any) -> None:

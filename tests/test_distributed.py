@@ -1,0 +1,128 @@
+"""DDP and FSDP2 on CPU (gloo, 2 processes under torchrun) give the one-process run on the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import Dataset
+
+from minillm.data.loader import BatchLoader
+from minillm.model.transformer import WEIGHTS_FILE, MiniGPT
+from minillm.training import distributed as D
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "distributed_worker.py"
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def _run(args: list[str]) -> None:
+    proc = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[int, Path]:
+    """The one-process runs (global batch 8), with and without gradient accumulation."""
+    runs = {}
+    for accum in (1, 2):
+        out = tmp_path_factory.mktemp(f"single{accum}")
+        _run([sys.executable, str(WORKER), "none", str(out), str(accum)])
+        runs[accum] = out
+    return runs
+
+
+def _compare(reference: Path, out: Path) -> tuple[float, float]:
+    ref_losses = json.loads((reference / "losses.json").read_text())
+    losses = json.loads((out / "losses.json").read_text())
+    assert len(losses) == len(ref_losses) == 5
+    loss_diff = max(abs(a - b) for a, b in zip(losses, ref_losses))
+    ref_w = load_file(str(reference / "final" / WEIGHTS_FILE))
+    w = load_file(str(out / "final" / WEIGHTS_FILE))
+    assert set(w) == set(ref_w)
+    weight_diff = max(float((w[k] - ref_w[k]).abs().max()) for k in ref_w)
+    return loss_diff, weight_diff
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+@pytest.mark.parametrize(("mode", "accum"), [("ddp", 1), ("fsdp", 1), ("ddp", 2), ("fsdp", 2)])
+def test_two_ranks_match_one_process(mode, accum, reference, tmp_path):
+    out = tmp_path / mode
+    _run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(WORKER), mode, str(out), str(accum)])
+    loss_diff, weight_diff = _compare(reference[accum], out)
+    print(f"{mode} accum={accum}: max |loss diff| {loss_diff:.2e}, max |weight diff| {weight_diff:.2e}")
+    assert loss_diff < 1e-5
+    assert weight_diff < 3e-5  # Adam turns ~1e-7 reduction-order noise into ~1e-5
+    # the resume position is the same on every rank (and the one-process run's)
+    states = [json.loads((out / f"loader_rank{r}.json").read_text()) for r in range(2)]
+    assert states[0] == states[1] == json.loads((reference[accum] / "loader_rank0.json").read_text())
+    # the gathered checkpoint loads in one process, tied head included
+    model = MiniGPT.from_pretrained(out / "final")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    single = MiniGPT.from_pretrained(reference[accum] / "final")
+    ids = torch.arange(1, 17).unsqueeze(0)
+    torch.testing.assert_close(model(ids).logits, single(ids).logits, atol=1e-4, rtol=0)
+    shutil.rmtree(out, ignore_errors=True)
+
+
+class _Items(Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.tensor([i])}
+
+
+def test_sharded_loader_partitions_the_global_batch():
+    data = _Items(23)
+    single = [b["input_ids"].flatten().tolist() for b in BatchLoader(data, 8, seed=3)]
+    ranks = []
+    for rank in range(2):
+        loader = D.ShardedBatchLoader(BatchLoader(data, 8, seed=3), rank, 2)
+        ranks.append([b["input_ids"].flatten().tolist() for b in loader])
+        assert len(loader) == len(ranks[-1]) == 3
+        assert loader.state_dict() == {"epoch": 1, "batch_index": 0, "seed": 3}
+    for batch, a, b in zip(single, *ranks):
+        assert sorted(a + b) == sorted(batch) and not set(a) & set(b)
+    # resume mid-epoch: the same remaining batches
+    loader = D.ShardedBatchLoader(BatchLoader(data, 8, seed=3), 1, 2)
+    it = iter(loader)
+    next(it)
+    resumed = D.ShardedBatchLoader(BatchLoader(data, 8, seed=3), 1, 2)
+    resumed.load_state_dict(loader.state_dict())
+    assert [b["input_ids"].flatten().tolist() for b in resumed] == ranks[1][1:]
+
+
+def test_single_process_is_a_no_op():
+    ctx = D.init_distributed("none")
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.enabled) == (0, 1, True, False)
+    model = torch.nn.Linear(2, 2)
+    assert D.wrap_model(model, "none", ctx) is model
+    loader = BatchLoader(_Items(4), 2)
+    assert D.shard_loader(loader, ctx) is loader
+    assert D.loss_scale(model) == 1.0 and D.global_count(5) == 5 and D.is_main()
+    with D.grad_sync(model, sync=False):
+        pass
+    with pytest.raises(ValueError, match="allowed"):
+        D.init_distributed("zero3")
+    D.barrier()
+    D.cleanup()
