@@ -212,3 +212,15 @@ def test_peak_flops_uses_datasheet_for_known_gpu(monkeypatch):
     assert peak_flops("cuda", torch.bfloat16) == 989e12
     monkeypatch.setattr(mfu_module, "measure_peak_flops", lambda device, dtype: 1.0)
     assert peak_flops("cuda", torch.float32) == 1.0
+
+
+def test_measuring_the_peak_leaves_the_global_rng_alone(tmp_path, monkeypatch):
+    from minillm.training import mfu as mfu_module
+    from minillm.training.trainer import cpu_bf16_is_fast
+
+    monkeypatch.setenv("MINILLM_CACHE_DIR", str(tmp_path))
+    state = torch.get_rng_state()
+    mfu_module.measure_peak_flops(torch.device("cpu"), torch.float32)
+    cpu_bf16_is_fast.cache_clear()
+    cpu_bf16_is_fast()
+    assert torch.equal(torch.get_rng_state(), state)

@@ -133,8 +133,10 @@ def mfu_estimator(model: Any, device: str | torch.device,
 # ---------------------------------------------------------------------------------------- internals
 def _time_matmul(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
     """Best wall time in seconds of one n×n @ n×n matmul on `device` in `dtype`."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    # A private generator: measuring must not move the global RNG (that would break exact resume).
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=generator).to(dtype)
+    b = torch.randn(n, n, device=device, generator=generator).to(dtype)
     per_timing = 1 if device.type == "cpu" else 10  # GPU: amortise launch and sync
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
