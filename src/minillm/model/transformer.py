@@ -184,25 +184,29 @@ class MiniGPT(nn.Module):
                       "pad_token_id": self.config.pad_token_id, **(generation_config or {})}
         atomic_write_json(directory / GENERATION_CONFIG_FILE, generation)
 
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> MiniGPT:
-        config = load_config(directory)
-        model = cls(config)
+    def load_weights(self, directory: str | Path) -> None:
+        """Load `model.safetensors` from `directory` into this model, in place; every tensor must match
+        (a tied LM head is stored once, as the embedding)."""
         weights_path = Path(directory) / WEIGHTS_FILE
         if not weights_path.is_file():
             raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}")
-        state = load_file(str(weights_path))
-        if config.tie_word_embeddings:
+        device = next(self.parameters()).device
+        state = load_file(str(weights_path), device=str(device))
+        expected = set(self.state_dict())
+        if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-        expected = set(model.state_dict())
-        if config.tie_word_embeddings:
             expected.discard("lm_head.weight")
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             raise ValueError(f"{weights_path} does not match config.json: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
-        model.load_state_dict(state, strict=False)
+        self.load_state_dict(state, strict=False)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> MiniGPT:
+        model = cls(load_config(directory))
+        model.load_weights(directory)
         if dtype is not None:
             model = model.to(dtype)
         if device is not None:

@@ -95,7 +95,7 @@ def measure_peak_flops(device: str | torch.device, dtype: torch.dtype | None = N
     if isinstance(entries.get(key), (int, float)) and entries[key] > 0:
         return float(entries[key])
     n = 1024 if device.type == "cpu" else 2048
-    seconds = _time_matmul(device, dtype, n)
+    seconds = time_matmul(device, dtype, n)
     flops = 2 * n**3 / seconds
     log.info("measured peak matmul throughput of %s: %.3g FLOP/s (cached in %s)", key, flops, cache)
     entries = _read_cache(cache)  # another process may have written meanwhile
@@ -131,7 +131,7 @@ def mfu_estimator(model: Any, device: str | torch.device,
 
 
 # ---------------------------------------------------------------------------------------- internals
-def _time_matmul(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
+def time_matmul(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
     """Best wall time in seconds of one n×n @ n×n matmul on `device` in `dtype`."""
     # A private generator: measuring must not move the global RNG (that would break exact resume).
     generator = torch.Generator(device=device).manual_seed(0)

@@ -218,11 +218,7 @@ def cache_dir() -> Path:
 def build_model(config: dict[str, Any], tokenizer: BPETokenizer) -> MiniGPT:
     if config["init_from"]:
         return MiniGPT.from_pretrained(resolve_checkpoint(config["init_from"]))
-    fields = dict(config["model"])
-    preset = fields.pop("preset", None) or "tiny"
-    fields.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return MiniGPT(MiniGPTConfig.from_preset(preset, **fields))
+    return MiniGPT(run_model_config(config, tokenizer))
 
 
 def build_token_data(config: dict[str, Any], tokenizer: BPETokenizer, out_dir: Path,
@@ -316,12 +312,17 @@ def _check_fits(config: dict[str, Any], model: MiniGPT, tokenizer: BPETokenizer)
 _TIKTOKEN_VOCAB = {"gpt2": 50257, "cl100k_base": 100277}
 
 
-def run_model_config(config: dict[str, Any]) -> MiniGPTConfig:
-    """The model config a run will train, from the run config alone (no model, no data, no download)."""
+def run_model_config(config: dict[str, Any], tokenizer: BPETokenizer | None = None) -> MiniGPTConfig:
+    """The model config a run trains: sized to `tokenizer`, or, without one (`--dry-run`), from the run
+    config alone (no model, no data, no download)."""
     if config["init_from"]:
         return load_config(resolve_checkpoint(config["init_from"]))
     fields = dict(config["model"])
     preset = fields.pop("preset", None) or "tiny"
+    if tokenizer is not None:
+        fields.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        return MiniGPTConfig.from_preset(preset, **fields)
     if "vocab_size" not in fields:
         path = config["tokenizer"]["path"]
         if path in _TIKTOKEN_VOCAB and not Path(path).exists():

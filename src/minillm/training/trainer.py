@@ -25,18 +25,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
 from minillm.data.loader import BatchLoader, pad_collate
 from minillm.data.pretrain import LanguageModelingDataset, PretrainDataLoader
 from minillm.io import atomic_write_json
-from minillm.model.transformer import WEIGHTS_FILE
 from minillm.training.checkpoint import STATE_DIR, STEP_PREFIX, prune_checkpoints, save_checkpoint
 from minillm.training.logging import MetricsLogger
 from minillm.training.memory import MemoryMonitor
-from minillm.training.mfu import mfu_estimator
+from minillm.training.mfu import mfu_estimator, time_matmul
 from minillm.training.objectives import LanguageModelingObjective, Objective
 from minillm.training.plots import plot_run
 from minillm.training.schedule import warmup_cosine_schedule
@@ -107,19 +105,8 @@ def cpu_bf16_is_fast() -> bool:
         return False
     if "avx512_bf16" not in flags and "amx_bf16" not in flags:
         return False
-    a = torch.randn(384, 384, generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
-
-    def best_time(dtype: torch.dtype) -> float:
-        x = a.to(dtype)
-        x @ x
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            x @ x
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    return best_time(torch.bfloat16) * 1.5 < best_time(torch.float32)
+    cpu = torch.device("cpu")
+    return time_matmul(cpu, torch.bfloat16, 384) * 1.5 < time_matmul(cpu, torch.float32, 384)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -441,11 +428,7 @@ class Trainer:
             raise FileNotFoundError(f"{directory}: no {STATE_DIR}/ to resume from (was it saved by a run?)")
         state = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
         self._check_resumable(state, directory)
-        weights = load_file(str(directory / WEIGHTS_FILE), device=str(self.device))
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        if unexpected or [k for k in missing if k != "lm_head.weight"]:
-            raise ValueError(f"{directory}: weights do not match the model (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
+        self.model.load_weights(directory)
         self._setup_optimizer(self.total_steps())
         self.optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", map_location=self.device,
                                                   weights_only=True))
