@@ -90,7 +90,10 @@ def test_overrides_and_flags_reach_the_config():
     (["model.hidden_sise=5"], "unknown key 'model.hidden_sise'"),
     (["training.max_steps=5"], "shared keys like max_steps go at the top level"),
     (["stage=ppo"], "stage='ppo' is not available"),
-    (["distributed=ddp"], "only single-process"),
+    (["distributed=zero3"], "distributed='zero3' is not supported; allowed: none, ddp, fsdp"),
+    (["lora.rank=0"], "lora: LoRAConfig.rank must be an integer >= 1"),
+    (["memory.micro_batch_size=0"], "memory: micro_batch_size must be a positive integer"),
+    (["memory.offload=true"], "memory: "),
     (["maxsteps"], "must look like key=value"),
 ])
 def test_bad_run_configs_are_refused_naming_the_key(overrides, message):

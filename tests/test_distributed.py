@@ -47,35 +47,53 @@ def reference(tmp_path_factory) -> dict[int, Path]:
     return runs
 
 
-def _compare(reference: Path, out: Path) -> tuple[float, float]:
-    ref_losses = json.loads((reference / "losses.json").read_text())
-    losses = json.loads((out / "losses.json").read_text())
-    assert len(losses) == len(ref_losses) == 5
-    loss_diff = max(abs(a - b) for a, b in zip(losses, ref_losses))
-    ref_w = load_file(str(reference / "final" / WEIGHTS_FILE))
-    w = load_file(str(out / "final" / WEIGHTS_FILE))
-    assert set(w) == set(ref_w)
-    weight_diff = max(float((w[k] - ref_w[k]).abs().max()) for k in ref_w)
-    return loss_diff, weight_diff
+def _curve(run: Path) -> list[float]:
+    """Training loss per step, then the final validation loss, from metrics.jsonl."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r] + [r["val_loss"] for r in records if "val_loss" in r]
+
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(checkpoint / WEIGHTS_FILE))
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def _loader_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "trainer_state" / "state.json").read_text())["loader"]
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 @pytest.mark.parametrize(("mode", "accum"), [("ddp", 1), ("fsdp", 1), ("ddp", 2), ("fsdp", 2)])
 def test_two_ranks_match_one_process(mode, accum, reference, tmp_path):
+    """The Trainer under torchrun (2 ranks, per-rank micro-batch halved) reproduces the one-process run."""
     out = tmp_path / mode
     _run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(WORKER), mode, str(out), str(accum)])
-    loss_diff, weight_diff = _compare(reference[accum], out)
+    ref = reference[accum]
+    curve, ref_curve = _curve(out), _curve(ref)
+    assert len(curve) == len(ref_curve) == 6  # 5 steps + the final validation
+    loss_diff = max(abs(a - b) for a, b in zip(curve, ref_curve))
+    weight_diff = _max_diff(_weights(out / "final"), _weights(ref / "final"))
     print(f"{mode} accum={accum}: max |loss diff| {loss_diff:.2e}, max |weight diff| {weight_diff:.2e}")
     assert loss_diff < 1e-5
     assert weight_diff < 3e-5  # Adam turns ~1e-7 reduction-order noise into ~1e-5
-    # the resume position is the same on every rank (and the one-process run's)
-    states = [json.loads((out / f"loader_rank{r}.json").read_text()) for r in range(2)]
-    assert states[0] == states[1] == json.loads((reference[accum] / "loader_rank0.json").read_text())
+    # the resume position is the one-process run's
+    assert _loader_state(out / "final") == _loader_state(ref / "final")
+    # resumed from step_3/ (a fresh Trainer: weights, sharded optimizer state, RNG, data position), the
+    # run ends exactly where the uninterrupted one did
+    final = _weights(out / "final")
+    resumed = _weights(out / "resumed" / "final")
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
+    # only rank 0 wrote: one record per step
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 5]
     # the gathered checkpoint loads in one process, tied head included
     model = MiniGPT.from_pretrained(out / "final")
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    single = MiniGPT.from_pretrained(reference[accum] / "final")
+    single = MiniGPT.from_pretrained(ref / "final")
     ids = torch.arange(1, 17).unsqueeze(0)
     torch.testing.assert_close(model(ids).logits, single(ids).logits, atol=1e-4, rtol=0)
     shutil.rmtree(out, ignore_errors=True)

@@ -121,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out-dir")
     train.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
     train.add_argument("--seed", type=int)
+    train.add_argument("--distributed", choices=("none", "ddp", "fsdp"),
+                       help="data parallelism under torchrun: torchrun --nproc_per_node=N -m minillm train "
+                       "... --distributed ddp (batch size is per process)")
     train.add_argument("--dry-run", action="store_true",
                        help="print the memory one training step needs (weights, gradients, optimizer, "
                        "activations) and exit without building anything")
@@ -157,7 +160,7 @@ def _train(args: argparse.Namespace) -> int:
              "data": {k: v for k, v in (("source", args.data), ("max_length", args.max_length)) if v is not None},
              "tokenizer": {"path": args.tokenizer} if args.tokenizer else {},
              "training": {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}}
-    for key in ("epochs", "max_steps", "out_dir", "precision", "seed", "resume"):
+    for key in ("epochs", "max_steps", "out_dir", "precision", "seed", "resume", "distributed"):
         if getattr(args, key) is not None:
             flags[key] = getattr(args, key)
     if args.max_steps is None and args.epochs is not None:
@@ -168,13 +171,19 @@ def _train(args: argparse.Namespace) -> int:
 
         print(estimate_run_memory(config).format())
         return 0
+    from minillm.training import distributed
+
     try:
         result = run_training(config)
+        main_process = distributed.is_main()
     except TrainingInterrupted as e:
-        print(f"minillm train: stopped by {e}; continue with: minillm train ... --resume", file=sys.stderr)
+        if distributed.is_main():
+            print(f"minillm train: stopped by {e}; continue with: minillm train ... --resume", file=sys.stderr)
         return 130
-
-    print(json.dumps(result, indent=2, ensure_ascii=False))
+    finally:
+        distributed.cleanup()
+    if main_process:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
 
 

@@ -185,7 +185,8 @@ def save_lora(model: nn.Module, directory: str | Path) -> None:
     atomic_write(directory / ADAPTER_WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     atomic_write_json(directory / ADAPTER_CONFIG_FILE, {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.rank, "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout, "target_modules": list(config.target_modules), "bias": "none"})
+        "lora_dropout": config.dropout, "target_modules": list(config.target_modules), "bias": "none",
+        "base_model_name_or_path": getattr(model, "name_or_path", None)})
 
 
 def load_lora_config(directory: str | Path) -> LoRAConfig:

@@ -58,6 +58,7 @@ class MiniGPT(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
+        self.name_or_path: str | None = None  # the directory it was loaded from (a LoRA adapter's base)
         self.model = MiniGPTModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -169,15 +170,21 @@ class MiniGPT(nn.Module):
         self.config.gradient_checkpointing = enabled
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, directory: str | Path, generation_config: dict[str, Any] | None = None) -> None:
-        """Write `config.json`, `model.safetensors` and `generation_config.json` into `directory`."""
+    def save_pretrained(self, directory: str | Path, generation_config: dict[str, Any] | None = None,
+                        weights: bool = True) -> None:
+        """Write `config.json`, `model.safetensors` and `generation_config.json` into `directory`
+        (`weights=False`: the two JSON files only, e.g. beside a LoRA adapter)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)  # safetensors refuses shared tensors; reloaded as a tie
+        if weights:
+            if getattr(self, "lora_config", None) is not None:
+                raise ValueError("this model carries LoRA adapters: save them with minillm.model.lora.save_lora, "
+                                 "or merge_lora() it first to save a plain model")
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            if self.config.tie_word_embeddings:
+                state.pop("lm_head.weight", None)  # safetensors refuses shared tensors; reloaded as a tie
+            atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         dtype = str(next(self.parameters()).dtype).removeprefix("torch.")
-        atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         atomic_write_json(directory / CONFIG_FILE, {"architectures": ["MiniGPT"], "model_type": MODEL_TYPE,
                                                     "torch_dtype": dtype, **self.config.to_dict()})
         generation = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id,
@@ -205,13 +212,34 @@ class MiniGPT(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None) -> MiniGPT:
+        directory = Path(directory)
+        if not (directory / WEIGHTS_FILE).is_file() and (directory / "adapter_config.json").is_file():
+            return cls._from_adapter(directory, device, dtype)
         model = cls(load_config(directory))
         model.load_weights(directory)
+        model.name_or_path = str(directory.resolve())
         if dtype is not None:
             model = model.to(dtype)
         if device is not None:
             model = model.to(device)
         return model
+
+    @classmethod
+    def _from_adapter(cls, directory: Path, device: str | torch.device | None,
+                      dtype: torch.dtype | None) -> MiniGPT:
+        """A LoRA checkpoint (adapter only): its base model with the adapter merged in."""
+        from minillm.model.lora import load_lora, merge_lora
+
+        adapter_config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+        base = adapter_config.get("base_model_name_or_path")
+        if not base or not (Path(base) / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{directory} holds a LoRA adapter only and its base model "
+                                    f"(base_model_name_or_path={base!r}) is not a model directory")
+        model = merge_lora(load_lora(cls.from_pretrained(base), directory))
+        model.name_or_path = str(directory.resolve())
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.to(device) if device is not None else model
 
 
 def load_config(directory: str | Path) -> MiniGPTConfig:

@@ -28,9 +28,11 @@ STEP_PREFIX = "step_"
 
 def save_checkpoint(directory: str | Path, model: nn.Module, tokenizer: Any = None,
                     extra_files: dict[str, Any] | None = None,
-                    write_state: Callable[[Path], None] | None = None) -> Path:
+                    write_state: Callable[[Path], None] | None = None,
+                    write_files: Callable[[Path], None] | None = None, weights: bool = True) -> Path:
     """Save `model` (and `tokenizer`, and JSON `extra_files`) as the model directory `directory`;
-    `write_state(dir)` adds the training state (`trainer_state/`) inside the same atomic write."""
+    `write_state(dir)` adds the training state (`trainer_state/`) and `write_files(dir)` any other files
+    (a LoRA adapter) inside the same atomic write. `weights=False` writes the model's config only."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
@@ -41,7 +43,9 @@ def save_checkpoint(directory: str | Path, model: nn.Module, tokenizer: Any = No
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
             generation = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-        model.save_pretrained(tmp, generation_config=generation)
+        model.save_pretrained(tmp, generation_config=generation, weights=weights)
+        if write_files is not None:
+            write_files(tmp)
         for name, data in (extra_files or {}).items():
             atomic_write_json(tmp / name, data)
         if write_state is not None:

@@ -42,9 +42,10 @@ from torch import nn
 
 MODES = ("none", "ddp", "fsdp")
 
-__all__ = ["MODES", "DistributedContext", "ShardedBatchLoader", "all_reduce_sum", "barrier", "cleanup",
-           "full_state_dict", "global_count", "grad_sync", "init_distributed", "is_main", "loss_scale",
-           "shard_loader", "unwrap", "unwrapped_copy", "wrap_model"]
+__all__ = ["MODES", "DistributedContext", "ShardedBatchLoader", "all_gather_object", "all_reduce_sum", "any_rank",
+           "barrier", "cleanup", "full_optimizer_state", "full_state_dict", "global_count", "grad_sync",
+           "init_distributed", "is_fsdp", "is_main", "load_full_optimizer_state", "load_full_state_dict",
+           "loss_scale", "shard_loader", "unwrap", "unwrapped_copy", "world_size", "wrap_model"]
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,32 @@ def barrier() -> None:
         dist.barrier()
 
 
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Whether `flag` is true on any rank (so every rank takes the same branch: stop, save, …)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor(int(bool(flag)), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (`[obj]` in one process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 # ---------------------------------------------------------------------------------------- the model
 class _DDP(nn.parallel.DistributedDataParallel):
     """DDP that also answers the wrapped model's attributes (`config`, `save_pretrained`, …), so code
@@ -166,6 +193,9 @@ def wrap_model(model: nn.Module, mode: str, ctx: DistributedContext | None = Non
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        with torch.no_grad():  # every rank shards the same weights, whatever each one was built with
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor, src=0)
         mesh = init_device_mesh(ctx.device.type, (dist.get_world_size(),))
         for layer in _decoder_layers(model):
             fully_shard(layer, mesh=mesh)
@@ -247,6 +277,56 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full (unsharded) state dict into `model`, sharding it under FSDP; every key must match
+    (a tied LM head may be absent: it is the embedding)."""
+    target = unwrap(model)
+    tied = getattr(getattr(target, "config", None), "tie_word_embeddings", False)
+    if tied and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        return
+    target.load_state_dict(state)
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                         param_names: list[str]) -> dict[str, Any] | None:
+    """The optimizer's state as one process would have it (`optimizer.state_dict()` of the unsharded
+    model: state keyed by parameter index), so a checkpoint written by N sharded ranks resumes in any
+    layout. `param_names` lists the parameters in the optimizer's order. Under FSDP this gathers the
+    shards (a collective: call it on every rank); rank 0 gets the state, the others None."""
+    if not is_fsdp(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main():
+        return None
+    index = {name: i for i, name in enumerate(param_names)}
+    return {"state": {index[name]: value for name, value in full["state"].items()},
+            "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                             for group in full["param_groups"]]}
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                              param_names: list[str]) -> None:
+    """Load a state saved by `full_optimizer_state` (every rank passes the whole state; under FSDP each
+    keeps its shard)."""
+    if not is_fsdp(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    named = {"state": {param_names[int(i)]: value for i, value in state["state"].items()},
+             "param_groups": [{**group, "params": [param_names[int(i)] for i in group["params"]]}
+                              for group in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
 
 
 def unwrapped_copy(model: nn.Module) -> nn.Module | None:

@@ -54,7 +54,9 @@ class MetricsLogger:
     already logged), writes the numeric fields to TensorBoard and drives the progress bar."""
 
     def __init__(self, out_dir: str | Path | None, total_steps: int, initial_step: int = 0,
-                 progress: bool = True, description: str = "train", tensorboard: bool = True) -> None:
+                 progress: bool = True, description: str = "train", tensorboard: bool = True,
+                 echo: bool = True) -> None:
+        self.echo = echo  # False on torchrun ranks other than 0: only rank 0 speaks
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.path = self.out_dir / "metrics.jsonl" if self.out_dir is not None else None
         if self.path is not None:
@@ -87,7 +89,8 @@ class MetricsLogger:
 
     def write(self, message: str) -> None:
         """A line above the progress bar (validation results, saves)."""
-        self.bar.write(message, file=sys.stderr)
+        if self.echo:
+            self.bar.write(message, file=sys.stderr)
 
     def close(self) -> None:
         """Close the bar and files (TensorBoard flushed). Does not plot: see `minillm.training.plots`."""

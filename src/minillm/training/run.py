@@ -1,14 +1,20 @@
 """A training run from a YAML config (or flags): tokenizer → data → model → `Trainer` → checkpoints.
 
 A run config has the shared top-level keys (`stage`, `out_dir`, `init_from`, `max_steps`, `epochs`,
-`eval_every`, `save_every`, `seed`, `precision`, `distributed`) and four sections: `model` (a `preset`
-plus any `MiniGPTConfig` field), `tokenizer`, `data` and `training` (any `TrainingConfig` field).
-Unknown keys are refused with their name, so a typo never silently falls back to a default.
+`eval_every`, `save_every`, `seed`, `precision`, `distributed`, `lora`) and the sections `model` (a
+`preset` plus any `MiniGPTConfig` field), `tokenizer`, `data`, `training` (any `TrainingConfig` field)
+and `memory` (`MemoryConfig`). Unknown keys are refused with their name, so a typo never silently falls
+back to a default.
+
+Under `torchrun --nproc_per_node=N -m minillm train …` with `distributed: ddp|fsdp`, rank 0 prepares the
+tokenizer and the token shards while the other ranks wait, then every rank loads them; `batch_size` is
+per process, so the global batch is batch_size × grad_accum_steps × N.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import random
@@ -32,14 +38,16 @@ from minillm.data.pretrain import (
     write_token_shards,
 )
 from minillm.data.sft import ConversationDataset
-from minillm.io import atomic_write_text
+from minillm.io import atomic_write_json, atomic_write_text
 from minillm.model.config import ConfigError, MiniGPTConfig
+from minillm.model.lora import LoRAConfig, apply_lora
 from minillm.model.transformer import MiniGPT, load_config
 from minillm.tokenizer import BPETokenizer
 from minillm.tokenizer.manager import TokenizerManager
 from minillm.tokenizer.pretrained import TokenizerLoadError, load_tokenizer
+from minillm.training import distributed as dist_utils
 from minillm.training.checkpoint import latest_checkpoint, resolve_checkpoint
-from minillm.training.memory import MemoryEstimate, estimate_memory
+from minillm.training.memory import MemoryConfig, MemoryEstimate, estimate_memory
 from minillm.training.trainer import PreTrainer, SFTTrainer, Trainer, TrainingConfig, resolve_precision
 
 logger = logging.getLogger("minillm.training")
@@ -58,7 +66,8 @@ DEFAULTS: dict[str, Any] = {
     "save_every": 0,
     "seed": 1337,
     "precision": "auto",  # auto | fp32 | bf16 | fp16
-    "distributed": "none",
+    "distributed": "none",  # none | ddp | fsdp (launch with torchrun)
+    "lora": None,  # {rank, alpha, dropout, target_modules}: train LoRA adapters on a frozen model
     "model": {"preset": "tiny"},
     "tokenizer": {
         "path": None,  # a tokenizer directory, tokenizer.json or tiktoken name; null: train one on the data
@@ -76,8 +85,9 @@ DEFAULTS: dict[str, Any] = {
         "identity": None,  # sft on builtin data: {name, maker, maker_zh} of the assistant
     },
     "training": {},
+    "memory": {},  # MemoryConfig: gradient_checkpointing, micro_batch_size, grad_accum_steps, optimizer_offload
 }
-SHARED_TRAINING_KEYS = ("max_steps", "epochs", "eval_every", "save_every", "seed", "precision")
+SHARED_TRAINING_KEYS = ("max_steps", "epochs", "eval_every", "save_every", "seed", "precision", "distributed")
 
 
 class _Loader(yaml.SafeLoader):
@@ -151,8 +161,8 @@ def _merge(base: dict[str, Any], update: dict[str, Any], source: str, prefix: st
     for key, value in update.items():
         name = f"{prefix}{key}"
         if key not in base:
-            if prefix.startswith(("model.", "training.")):
-                base[key] = value  # validated against MiniGPTConfig / TrainingConfig fields below
+            if prefix.startswith(("model.", "training.", "memory.")):
+                base[key] = value  # validated against MiniGPTConfig / TrainingConfig / MemoryConfig below
                 continue
             raise RunConfigError(f"{source}: unknown key {name!r}; known keys here: {', '.join(base)}")
         if isinstance(base[key], dict):
@@ -167,9 +177,23 @@ def _validate(config: dict[str, Any], source: str) -> None:
     if config["stage"] not in STAGES:
         raise RunConfigError(f"{source}: stage={config['stage']!r} is not available; available stages: "
                              f"{', '.join(STAGES)}")
-    if config["distributed"] not in ("none", None):
-        raise RunConfigError(f"{source}: distributed={config['distributed']!r}: only single-process "
-                             "training ('none') is available")
+    if config["distributed"] in (None, False):
+        config["distributed"] = "none"
+    if config["distributed"] not in dist_utils.MODES:
+        raise RunConfigError(f"{source}: distributed={config['distributed']!r} is not supported; allowed: "
+                             f"{', '.join(dist_utils.MODES)}")
+    if config["lora"] is not None:
+        if not isinstance(config["lora"], dict):
+            raise RunConfigError(f"{source}: 'lora' must be a mapping (rank, alpha, dropout, target_modules) "
+                                 "or null")
+        try:
+            LoRAConfig(**config["lora"])
+        except (TypeError, ValueError) as e:
+            raise RunConfigError(f"{source}: lora: {e}") from None
+    try:
+        MemoryConfig(**config["memory"])
+    except (TypeError, ValueError) as e:
+        raise RunConfigError(f"{source}: memory: {e}") from None
     model_fields = set(MiniGPTConfig.__dataclass_fields__) | {"preset"}
     for key in config["model"]:
         if key not in model_fields:
@@ -217,15 +241,30 @@ def cache_dir() -> Path:
 
 def build_model(config: dict[str, Any], tokenizer: BPETokenizer) -> MiniGPT:
     if config["init_from"]:
-        return MiniGPT.from_pretrained(resolve_checkpoint(config["init_from"]))
-    return MiniGPT(run_model_config(config, tokenizer))
+        model = MiniGPT.from_pretrained(resolve_checkpoint(config["init_from"]))
+    else:
+        model = MiniGPT(run_model_config(config, tokenizer))
+    if config["lora"] is not None:
+        if not config["init_from"]:
+            raise RunConfigError("lora: LoRA adapts a trained model; set init_from to its checkpoint")
+        apply_lora(model, LoRAConfig(**config["lora"]))
+    return model
 
 
 def build_token_data(config: dict[str, Any], tokenizer: BPETokenizer, out_dir: Path,
                      documents: list[str] | None) -> TokenShards:
+    """The run's token shards in `out_dir/data`, reused when they hold this corpus and tokenizer."""
     shard_dir = out_dir / "data"
     if documents is not None:
+        data = config["data"]
+        stamp = {"builtin": [int(data["num_documents"]), config["seed"], data["lang"]]}
+        if (shard_dir / "meta.json").is_file():
+            shards = TokenShards(shard_dir)
+            if shards.fingerprint == tokenizer.fingerprint() and shards.meta.get("source_stamp") == stamp:
+                return shards
         write_token_shards(documents, tokenizer, shard_dir, source="builtin")
+        meta = json.loads((shard_dir / "meta.json").read_text(encoding="utf-8"))
+        atomic_write_json(shard_dir / "meta.json", {**meta, "source_stamp": stamp})
         return TokenShards(shard_dir)
     return tokenize_corpus(config["data"]["source"], tokenizer, shard_dir, config["data"]["text_field"])
 
@@ -249,25 +288,53 @@ class PreparedRun:
 def prepare_run(config: dict[str, Any]) -> PreparedRun:
     """Everything a run needs, built and checked before the first step: a bad corpus, tokenizer or
     model config fails here, not half-way through training."""
+    ctx = dist_utils.init_distributed(config["distributed"])
     out_dir = Path(config["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
+    if ctx.is_main:
+        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
     torch.manual_seed(config["seed"])
+    if ctx.world_size > 1 and not ctx.is_main:
+        dist_utils.barrier()  # rank 0 writes the tokenizer and token shards first; the others then reuse them
+    try:
+        tokenizer, train_set, val_set = prepare_data(config)
+    finally:
+        if ctx.world_size > 1 and ctx.is_main:
+            dist_utils.barrier()
+    model = build_model(config, tokenizer)
+    _check_fits(config, model, tokenizer)
     if config["stage"] == "sft":
-        return prepare_sft(config)
+        logger.info("model: %.2fM parameters; %d training and %d validation conversations",
+                    model.num_parameters() / 1e6, len(train_set), len(val_set) if val_set else 0)
+    else:
+        logger.info("model: %.2fM parameters; data: %d training tokens, %d validation tokens",
+                    model.num_parameters() / 1e6, train_set.num_tokens(), val_set.num_tokens() if val_set else 0)
+    trainer_class = SFTTrainer if config["stage"] == "sft" else PreTrainer
+    trainer = trainer_class(model, tokenizer, training_config(config), train_data=train_set, eval_data=val_set,
+                            memory=MemoryConfig(**config["memory"]))
+    return PreparedRun(config, tokenizer, model, train_set, val_set, trainer)
+
+
+def prepare_data(config: dict[str, Any]) -> tuple[BPETokenizer, Dataset, Dataset | None]:
+    """The run's tokenizer and its training and validation sets (token windows for pretraining,
+    conversations for SFT)."""
     data = config["data"]
+    if config["stage"] == "sft":
+        conversations = load_conversations(config)
+        if not config["init_from"]:
+            logger.warning("stage sft without init_from: fine-tuning a randomly initialised model")
+        tokenizer = build_tokenizer(config, [m.content for c in conversations for m in c.messages])
+        n_val = int(len(conversations) * data["val_fraction"])
+        train_set = ConversationDataset(conversations[n_val:], tokenizer, data["max_length"])
+        val_set = ConversationDataset(conversations[:n_val], tokenizer, data["max_length"]) if n_val else None
+        return tokenizer, train_set, val_set
     documents = None
     if data["source"] == "builtin":
         documents = builtin_corpus(int(data["num_documents"]), seed=config["seed"], lang=data["lang"])
     tokenizer = build_tokenizer(config, documents)
-    tokens = build_token_data(config, tokenizer, out_dir, documents)
+    tokens = build_token_data(config, tokenizer, Path(config["out_dir"]), documents)
     train_set, val_set = split_train_val(tokens, data["max_length"], data["val_fraction"], tokenizer)
-    model = build_model(config, tokenizer)
-    _check_fits(config, model, tokenizer)
-    logger.info("model: %.2fM parameters; data: %d training tokens, %d validation tokens",
-                model.num_parameters() / 1e6, train_set.num_tokens(), val_set.num_tokens() if val_set else 0)
-    trainer = PreTrainer(model, tokenizer, training_config(config), train_data=train_set, eval_data=val_set)
-    return PreparedRun(config, tokenizer, model, train_set, val_set, trainer)
+    return tokenizer, train_set, val_set
 
 
 def load_conversations(config: dict[str, Any]) -> list[Conversation]:
@@ -279,25 +346,6 @@ def load_conversations(config: dict[str, Any]) -> list[Conversation]:
     conversations = load_records(data["source"], kind="conversation", skip_bad=data["skip_bad"]).records
     random.Random(config["seed"]).shuffle(conversations)
     return conversations
-
-
-def prepare_sft(config: dict[str, Any]) -> PreparedRun:
-    """SFT: conversations through the chat template, loss on the assistant replies only."""
-    data = config["data"]
-    conversations = load_conversations(config)
-    if not config["init_from"]:
-        logger.warning("stage sft without init_from: fine-tuning a randomly initialised model")
-    texts = [m.content for c in conversations for m in c.messages]
-    tokenizer = build_tokenizer(config, texts)
-    n_val = int(len(conversations) * data["val_fraction"])
-    train_set = ConversationDataset(conversations[n_val:], tokenizer, data["max_length"])
-    val_set = ConversationDataset(conversations[:n_val], tokenizer, data["max_length"]) if n_val else None
-    model = build_model(config, tokenizer)
-    _check_fits(config, model, tokenizer)
-    logger.info("model: %.2fM parameters; %d training and %d validation conversations",
-                model.num_parameters() / 1e6, len(train_set), len(val_set) if val_set else 0)
-    trainer = SFTTrainer(model, tokenizer, training_config(config), train_data=train_set, eval_data=val_set)
-    return PreparedRun(config, tokenizer, model, train_set, val_set, trainer)
 
 
 def _check_fits(config: dict[str, Any], model: MiniGPT, tokenizer: BPETokenizer) -> None:

@@ -8,6 +8,7 @@ kept in `best/`, the last in `final/`.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -25,15 +26,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
 from minillm.data.loader import BatchLoader, pad_collate
 from minillm.data.pretrain import LanguageModelingDataset, PretrainDataLoader
 from minillm.io import atomic_write_json
+from minillm.model.lora import ADAPTER_WEIGHTS_FILE, load_lora_state_dict, merge_lora, save_lora
+from minillm.model.transformer import WEIGHTS_FILE
+from minillm.training import distributed as dist_utils
 from minillm.training.checkpoint import STATE_DIR, STEP_PREFIX, prune_checkpoints, save_checkpoint
 from minillm.training.logging import MetricsLogger
-from minillm.training.memory import MemoryMonitor
+from minillm.training.memory import MemoryConfig, MemoryMonitor
 from minillm.training.mfu import mfu_estimator, time_matmul
 from minillm.training.objectives import LanguageModelingObjective, Objective
 from minillm.training.plots import plot_run
@@ -69,10 +74,25 @@ class TrainingConfig:
     seed: int = 1337
     precision: str = "auto"
     progress: bool = True
+    distributed: str = "none"  # none | ddp | fsdp (under torchrun; `batch_size` is per process)
+    compile: bool = False  # torch.compile the model
+    early_stopping_patience: int = 0  # stop after this many evaluations without improvement; 0: never
+    early_stopping_min_delta: float = 0.0  # a validation loss must drop by more than this to count
+    optimizer_offload: bool = False  # keep AdamW state (and fp32 master weights) on the CPU; GPU only
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not supported; allowed: {', '.join(PRECISIONS)}")
+        if self.distributed in (None, False):
+            self.distributed = "none"
+        if self.distributed not in dist_utils.MODES:
+            raise ValueError(f"distributed={self.distributed!r} is not supported; allowed: "
+                             f"{', '.join(dist_utils.MODES)}")
+        for name in ("compile", "optimizer_offload", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.early_stopping_patience < 0 or self.early_stopping_min_delta < 0:
+            raise ValueError("early_stopping_patience and early_stopping_min_delta must be >= 0")
         for name in ("batch_size", "grad_accum_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -144,40 +164,79 @@ class Trainer:
         device: str | torch.device | None = None,
         train_data: Dataset | Iterable | None = None,
         eval_data: Dataset | Iterable | None = None,
+        memory: MemoryConfig | None = None,
         **overrides: Any,
     ) -> None:
         unknown = set(overrides) - TrainingConfig.field_names()
         if unknown:
             raise TypeError(f"unknown training option(s): {', '.join(sorted(unknown))}")
-        self.config = replace(config or TrainingConfig(), **overrides)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        torch.manual_seed(self.config.seed)
-        self.model = model.to(self.device)
+        config = replace(config or TrainingConfig(), **overrides)
+        if memory is not None:  # the memory options override the training config's
+            config = replace(config, batch_size=memory.micro_batch_size or config.batch_size,
+                             grad_accum_steps=memory.grad_accum_steps or config.grad_accum_steps,
+                             optimizer_offload=memory.optimizer_offload or config.optimizer_offload)
+            if memory.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+                model.gradient_checkpointing_enable()
+        self.config = config
+        self.dist = dist_utils.init_distributed(config.distributed, device)
+        self.device = self.dist.device if self.dist.enabled else torch.device(
+            device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.world_size = dist_utils.world_size()
+        self.is_main = dist_utils.is_main()
+        self._check_combination(model)
+        torch.manual_seed(config.seed)
+        model = model.to(self.device)
+        if config.compile:
+            model.compile()  # in place: parameter names (and so checkpoints) stay those of the model
+        self.base_model = model  # the model itself, for its config, saving and generation
+        self.model = dist_utils.wrap_model(model, config.distributed, self.dist)  # what the objective calls
+        if self.world_size > 1:  # the ranks start from the same weights but draw different dropout masks
+            torch.manual_seed(config.seed + self.dist.rank)
         self.tokenizer = tokenizer
         self.objective = objective or LanguageModelingObjective()
         self.train_loader = self._as_loader(train_data, shuffle=True)
         self.eval_data = eval_data  # batched afresh for each evaluation, so every one scores the same batches
-        self.autocast_dtype = resolve_precision(self.config.precision, self.device)
+        self.autocast_dtype = resolve_precision(config.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self._param_names: list[str] = []
+        self._offload: _OptimizerOffload | None = None
         self.step = 0
         self.tokens_seen = 0
         self.best_val_loss = math.inf
-        self.out_dir = Path(self.config.out_dir) if self.config.out_dir else None
+        self.evals_without_improvement = 0
+        self.out_dir = Path(config.out_dir) if config.out_dir else None
+
+    def _check_combination(self, model: nn.Module) -> None:
+        cfg = self.config
+        if cfg.distributed == "fsdp":
+            if getattr(model, "lora_config", None) is not None:
+                raise ValueError("LoRA with distributed=fsdp is not supported: the adapters are small enough "
+                                 "to replicate, use distributed=ddp")
+            if cfg.precision == "fp16":
+                raise ValueError("precision=fp16 with distributed=fsdp is not supported (its gradient scaler "
+                                 "does not handle sharded gradients); use bf16")
+            if cfg.optimizer_offload:
+                raise ValueError("optimizer_offload with distributed=fsdp is not supported: FSDP already "
+                                 "shards the optimizer state; use one or the other")
 
     # ------------------------------------------------------------------ set-up
     def _as_loader(self, data: Dataset | Iterable | None, shuffle: bool) -> Iterable | None:
         """A `BatchLoader` over a dataset: stacked when its items have one length (packed windows),
-        padded and length-grouped when it reports per-item `lengths` (conversations, pairs)."""
+        padded and length-grouped when it reports per-item `lengths` (conversations, pairs). Under
+        torchrun each rank gets its share of every global batch (`batch_size` × ranks items)."""
         if data is None or not isinstance(data, Dataset):
-            return data  # already batched (a DataLoader, BatchLoader or any iterable of batches)
-        lengths = getattr(data, "lengths", None)
-        if lengths is None:
-            return PretrainDataLoader(data, self.config.batch_size, shuffle=shuffle, seed=self.config.seed)
-        pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
-        return BatchLoader(data, self.config.batch_size, pad_collate(pad_id), shuffle=shuffle,
-                           seed=self.config.seed, lengths=lengths)
+            loader = data  # already batched (a DataLoader, BatchLoader or any iterable of batches)
+        elif getattr(data, "lengths", None) is None:
+            loader = PretrainDataLoader(data, self.config.batch_size, shuffle=shuffle, seed=self.config.seed)
+        else:
+            pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
+            loader = BatchLoader(data, self.config.batch_size, pad_collate(pad_id), shuffle=shuffle,
+                                 seed=self.config.seed, lengths=data.lengths)
+        if loader is not None and self.world_size > 1:
+            loader = dist_utils.shard_loader(loader, self.dist)
+        return loader
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -188,16 +247,26 @@ class Trainer:
         """AdamW with decoupled weight decay on matrices only: norms, biases and embeddings are not decayed."""
         decay, no_decay = [], []
         seen: set[int] = set()
-        for name, param in self.model.named_parameters():
+        for name, param in self.base_model.named_parameters():
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
             is_matrix = param.dim() >= 2 and "embed" not in name
-            (decay if is_matrix else no_decay).append(param)
+            (decay if is_matrix else no_decay).append((name, param))
+        if not decay and not no_decay:
+            raise ValueError("the model has no trainable parameter")
         cfg = self.config
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                           fused=self.device.type == "cuda")
+        self._param_names = [name for name, _ in decay + no_decay]
+        params = [[p for _, p in decay], [p for _, p in no_decay]]
+        fused = self.device.type == "cuda"
+        if cfg.optimizer_offload and _offload_useful(self.device):
+            self._offload = _OptimizerOffload(params)
+            params, fused = self._offload.master_groups, False
+        elif cfg.optimizer_offload:
+            logger.info("optimizer_offload has nothing to do when training on the CPU; ignored")
+        groups = [{"params": params[0], "weight_decay": cfg.weight_decay},
+                  {"params": params[1], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
         warmup = min(cfg.warmup_steps, max(total_steps // 10, 0))
         self.scheduler = warmup_cosine_schedule(self.optimizer, warmup, total_steps, cfg.min_lr_ratio)
 
@@ -213,30 +282,50 @@ class Trainer:
 
     # ------------------------------------------------------------------ one optimizer step
     def _optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Accumulate gradients over `micro_batches` and update once; returns the step's mean loss and metrics."""
+        """Accumulate gradients over `micro_batches` and update once; returns the step's mean loss and metrics.
+
+        The summed loss is divided by the item count of the whole step — over all ranks under torchrun,
+        where it is also multiplied by the world size to undo DDP/FSDP's gradient averaging — so any
+        split into micro-batches and ranks gives the update of one large batch."""
         self.model.train()
-        items = sum(self.objective.count(b) for b in micro_batches)
+        items = dist_utils.global_count(sum(self.objective.count(b) for b in micro_batches), self.device)
         scale = 1.0 / max(items, 1)
+        grad_scale = scale * dist_utils.loss_scale(self.model)
         loss_total = torch.zeros((), device=self.device)
         metric_totals: dict[str, torch.Tensor] = {}
-        for batch in micro_batches:
-            with self._autocast():
-                out = self.objective(self.model, batch)
-            loss = out.loss_sum * scale
-            self.scaler.scale(loss).backward()
-            loss_total += loss.detach().float()
+        tokens = 0
+        for i, batch in enumerate(micro_batches):
+            with dist_utils.grad_sync(self.model, sync=i == len(micro_batches) - 1):
+                with self._autocast():
+                    out = self.objective(self.model, batch)
+                self.scaler.scale(out.loss_sum * grad_scale).backward()
+            loss_total += out.loss_sum.detach().float() * scale
             for name, value in out.metrics.items():
-                metric_totals[name] = metric_totals.get(name, 0) + value.float() * scale
-            self.tokens_seen += int(batch["input_ids"].numel())
+                metric_totals[name] = metric_totals.get(name, 0) + value.detach().float() * scale
+            tokens += int(batch["input_ids"].numel())
+        if self._offload is not None:
+            self._offload.gradients_to_master()
         self.scaler.unscale_(self.optimizer)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the same on every rank
+            grad_norm = grad_norm.full_tensor()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self._offload is not None:
+            self._offload.master_to_model()
         self.scheduler.step()
         self.step += 1
+        if self.world_size > 1:  # the step's loss and metrics over all ranks (each holds its share)
+            names = list(metric_totals)
+            packed = torch.stack([loss_total.double(), torch.tensor(float(tokens), device=self.device).double(),
+                                  *[torch.as_tensor(metric_totals[n], device=self.device).double() for n in names]])
+            packed = dist_utils.all_reduce_sum(packed)
+            loss_total, tokens = packed[0].float(), int(packed[1].item())
+            metric_totals = dict(zip(names, packed[2:]))
+        self.tokens_seen += tokens
         return {"loss": loss_total, "grad_norm": grad_norm.detach(), **metric_totals}
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -258,8 +347,9 @@ class Trainer:
         total = self.total_steps()
         if self.optimizer is None:
             self._setup_optimizer(total)
-        metrics_log = MetricsLogger(self.out_dir, total, self.step, cfg.progress, type(self).__name__)
-        estimate_mfu = mfu_estimator(self.model, self.device, self.autocast_dtype)
+        metrics_log = MetricsLogger(self.out_dir if self.is_main else None, total, self.step,
+                                    cfg.progress and self.is_main, type(self).__name__, echo=self.is_main)
+        estimate_mfu = mfu_estimator(self.base_model, self.device, self.autocast_dtype)
         memory = MemoryMonitor(self.device)
         batches = self._batches()
         start, window_start, window_tokens, bar_step = time.time(), time.time(), self.tokens_seen, self.step
@@ -267,8 +357,8 @@ class Trainer:
         stop_signal = _StopSignal()
         try:
             while self.step < total:
-                if stop_signal.received:
-                    self._save_interrupted(metrics_log, stop_signal.received)
+                if dist_utils.any_rank(stop_signal.received is not None, self.device):
+                    self._save_interrupted(metrics_log, stop_signal.received or signal.SIGTERM)
                 micro_batches = [next(batches) for _ in range(cfg.grad_accum_steps)]
                 seq_len = int(micro_batches[0]["input_ids"].shape[-1])
                 stats = self._optimizer_step(micro_batches)
@@ -280,8 +370,8 @@ class Trainer:
                     record = {"step": self.step, **{k: float(v) for k, v in stats.items()},
                               "lr": self.scheduler.get_last_lr()[0], "tokens": self.tokens_seen,
                               "tokens_per_s": round(tokens_per_s, 1)}
-                    if estimate_mfu is not None:
-                        record["mfu"] = round(estimate_mfu(tokens_per_s, seq_len), 5)
+                    if estimate_mfu is not None:  # tokens/s of all ranks over the peak of all ranks
+                        record["mfu"] = round(estimate_mfu(tokens_per_s / self.world_size, seq_len), 5)
                     record.update(memory.snapshot())
                     memory.reset_peak()  # each record's peak covers its own log window
                     metrics_log.log(record)
@@ -292,17 +382,23 @@ class Trainer:
                 if self.eval_data is not None and cfg.eval_every and self.step % cfg.eval_every == 0 \
                         and self.step < total:
                     result.update(self._validate(metrics_log))
+                    if self._should_stop_early():
+                        metrics_log.write(f"early stop at step {self.step}: no validation improvement in "
+                                          f"{self.evals_without_improvement} evaluations")
+                        result["stopped_early"] = True
+                        break
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.out_dir is not None:
-                    self.save(self.out_dir / f"{STEP_PREFIX}{self.step}", with_state=True)
-                    prune_checkpoints(self.out_dir, cfg.keep_last)
-            if self.eval_data is not None:
+                    self.save(self.out_dir / f"{STEP_PREFIX}{self.step}", with_state=True, full_weights=False)
+                    if self.is_main:
+                        prune_checkpoints(self.out_dir, cfg.keep_last)
+            if self.eval_data is not None and not result.get("stopped_early"):
                 result.update(self._validate(metrics_log))
             if self.out_dir is not None:
                 self.save(self.out_dir / "final", with_state=True)
         finally:
             stop_signal.restore()
             metrics_log.close()
-        if self.out_dir is not None and (self.out_dir / "metrics.jsonl").is_file():
+        if self.is_main and self.out_dir is not None and (self.out_dir / "metrics.jsonl").is_file():
             try:
                 plot_run(self.out_dir)
             except Exception as e:  # plots are a convenience; a finished run never fails over them
@@ -357,6 +453,10 @@ class Trainer:
                 items += self.objective.count(batch)
         finally:
             self.model.train(was_training)
+        if self.world_size > 1:
+            totals = dist_utils.all_reduce_sum(torch.tensor([loss_sum, float(items)], dtype=torch.float64,
+                                                            device=self.device))
+            loss_sum, items = float(totals[0]), int(totals[1])
         if items == 0:
             raise ValueError("the validation data holds no item to score")
         loss = loss_sum / items
@@ -366,6 +466,10 @@ class Trainer:
         result = self.evaluate()
         metrics_log.log({"step": self.step, **result})
         message = f"step {self.step}: val_loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.2f}"
+        if result["val_loss"] < self.best_val_loss - self.config.early_stopping_min_delta:
+            self.evals_without_improvement = 0
+        else:
+            self.evals_without_improvement += 1
         if result["val_loss"] < self.best_val_loss:
             self.best_val_loss = result["val_loss"]
             if self.out_dir is not None:
@@ -374,37 +478,78 @@ class Trainer:
         metrics_log.write(message)
         return result
 
-    def save(self, directory: str | os.PathLike, with_state: bool = False) -> Path:
+    def _should_stop_early(self) -> bool:
+        patience = self.config.early_stopping_patience
+        return patience > 0 and self.evals_without_improvement >= patience
+
+    def save(self, directory: str | os.PathLike, with_state: bool = False, full_weights: bool = True) -> Path:
         """Save the model (and tokenizer) as a Hugging Face model directory, atomically; `with_state`
-        adds `trainer_state/`, everything `resume` needs to continue the run exactly."""
-        return save_checkpoint(directory, self.model, self.tokenizer,
-                               extra_files={"training_config.json": asdict(self.config)},
-                               write_state=self._write_state if with_state else None)
+        adds `trainer_state/`, everything `resume` needs to continue the run exactly.
+
+        A LoRA model is saved merged (a plain model that loads anywhere) plus its adapter
+        (`adapter_model.safetensors`, `adapter_config.json`); with `full_weights=False` (the rolling
+        `step_N/` checkpoints) only the adapter is written. Under torchrun every rank calls this (FSDP
+        gathers the shards) and rank 0 writes."""
+        plain = dist_utils.unwrapped_copy(self.model)  # collective under FSDP; None off rank 0
+        optimizer_state = rank_rng = None
+        if with_state:
+            optimizer_state = dist_utils.full_optimizer_state(self.model, self.optimizer, self._param_names)
+            rank_rng = dist_utils.all_gather_object(_rng_state()) if self.world_size > 1 else None
+        directory = Path(directory)
+        if plain is not None:
+            model, write_files, weights = plain, None, True
+            if getattr(plain, "lora_config", None) is not None:
+                def write_files(d: Path) -> None:
+                    save_lora(plain, d)
+                if full_weights:
+                    model = merge_lora(copy.deepcopy(plain))
+                else:
+                    weights = False
+            write_state = None
+            if with_state:
+                def write_state(d: Path) -> None:
+                    self._write_state(d, optimizer_state, rank_rng)
+            save_checkpoint(directory, model, self.tokenizer,
+                            extra_files={"training_config.json": asdict(self.config)},
+                            write_state=write_state, write_files=write_files, weights=weights)
+        dist_utils.barrier()
+        return directory
 
     def _save_interrupted(self, metrics_log: MetricsLogger, signum: int) -> None:
         if self.out_dir is not None:
-            directory = self.save(self.out_dir / f"{STEP_PREFIX}{self.step}", with_state=True)
+            directory = self.save(self.out_dir / f"{STEP_PREFIX}{self.step}", with_state=True,
+                                  full_weights=False)
             metrics_log.write(f"{signal.Signals(signum).name} at step {self.step}: saved {directory}; "
                               "continue with --resume")
         raise TrainingInterrupted(signum, self.step)
 
     # ------------------------------------------------------------------ exact resume
-    def _write_state(self, directory: Path) -> None:
-        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
-        torch.save({"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                   directory / "state.pt")
-        numpy_rng = np.random.get_state()
+    def _write_state(self, directory: Path, optimizer_state: dict[str, Any],
+                     rank_rng: list[dict[str, Any]] | None) -> None:
+        """`optimizer_state` is the unsharded one (`full_optimizer_state`); `rank_rng` every rank's RNG
+        states under torchrun (rank 0's are also stored at the top level)."""
+        torch.save(optimizer_state, directory / "optimizer.pt")
+        tensors = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                   "torch_rng": torch.get_rng_state(),
+                   "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        if rank_rng is not None:
+            tensors["rank_torch_rng"] = [r["torch"] for r in rank_rng]
+            tensors["rank_cuda_rng"] = [r["cuda"] for r in rank_rng]
+        torch.save(tensors, directory / "state.pt")
+        mine = _rng_state()
+        lora = getattr(self.base_model, "lora_config", None)
         atomic_write_json(directory / "state.json", {
             "step": self.step, "tokens_seen": self.tokens_seen,
             "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
+            "evals_without_improvement": self.evals_without_improvement,
+            "world_size": self.world_size,
             "loader": self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None,
             "training_config": asdict(self.config),
-            "model_config": self.model.config.to_dict() if hasattr(self.model, "config") else None,
+            "model_config": self.base_model.config.to_dict() if hasattr(self.base_model, "config") else None,
+            "lora_config": asdict(lora) if lora is not None else None,
             "data": self._data_signature(),
-            "python_rng": _jsonable(random.getstate()),
-            "numpy_rng": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],
+            "python_rng": mine["python"], "numpy_rng": mine["numpy"],
+            "rank_rng": [{"python": r["python"], "numpy": r["numpy"]} for r in rank_rng] if rank_rng else None,
         })
 
     def _data_signature(self) -> dict[str, int] | None:
@@ -428,29 +573,52 @@ class Trainer:
             raise FileNotFoundError(f"{directory}: no {STATE_DIR}/ to resume from (was it saved by a run?)")
         state = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
         self._check_resumable(state, directory)
-        self.model.load_weights(directory)
+        if getattr(self.base_model, "lora_config", None) is not None:
+            adapter = directory / ADAPTER_WEIGHTS_FILE
+            if not adapter.is_file():
+                raise ResumeError(f"cannot resume a LoRA run from {directory}: no {ADAPTER_WEIGHTS_FILE}")
+            load_lora_state_dict(self.base_model, load_file(str(adapter), device=str(self.device)))
+        elif dist_utils.is_fsdp(self.model):
+            dist_utils.load_full_state_dict(self.model, load_file(str(directory / WEIGHTS_FILE)))
+        else:
+            self.base_model.load_weights(directory)
         self._setup_optimizer(self.total_steps())
-        self.optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", map_location=self.device,
-                                                  weights_only=True))
+        optimizer_state = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
+        dist_utils.load_full_optimizer_state(self.model, self.optimizer, optimizer_state, self._param_names)
         tensors = torch.load(state_dir / "state.pt", weights_only=True)
         self.scheduler.load_state_dict(tensors["scheduler"])
         self.scaler.load_state_dict(tensors["scaler"])
-        torch.set_rng_state(tensors["torch_rng"])
-        if tensors["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(tensors["cuda_rng"])
-        random.setstate(_tupled(state["python_rng"]))
-        name, keys, *rest = state["numpy_rng"]
-        np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+        rank = self.dist.rank if self.world_size > 1 else 0
+        if rank == 0:
+            rng = {"torch": tensors["torch_rng"], "cuda": tensors["cuda_rng"],
+                   "python": state["python_rng"], "numpy": state["numpy_rng"]}
+        else:
+            rng = {"torch": tensors["rank_torch_rng"][rank], "cuda": tensors["rank_cuda_rng"][rank],
+                   **state["rank_rng"][rank]}
+        _set_rng_state(rng)
         if state["loader"] is not None and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(state["loader"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.best_val_loss = math.inf if state["best_val_loss"] is None else state["best_val_loss"]
+        self.evals_without_improvement = state.get("evals_without_improvement", 0)
         logger.info("resumed from %s at step %d", directory, self.step)
 
     def _check_resumable(self, state: dict[str, Any], directory: Path) -> None:
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.world_size:
+            raise ResumeError(f"cannot resume from {directory}: it was trained by {saved_world} process(es), "
+                              f"this run has {self.world_size} (the global batch would change); "
+                              f"relaunch with torchrun --nproc_per_node={saved_world}")
+        lora = getattr(self.base_model, "lora_config", None)
+        now_lora = asdict(lora) if lora is not None else None
+        if state.get("lora_config") is not None:
+            state["lora_config"]["target_modules"] = tuple(state["lora_config"]["target_modules"])
+        if state.get("lora_config") != now_lora:
+            raise ResumeError(f"cannot resume from {directory}: the LoRA settings changed "
+                              f"(saved {state.get('lora_config')}, now {now_lora})")
         saved_model = state.get("model_config")
-        if saved_model is not None and hasattr(self.model, "config"):
-            now = self.model.config.to_dict()
+        if saved_model is not None and hasattr(self.base_model, "config"):
+            now = self.base_model.config.to_dict()
             changed = sorted(k for k in set(now) | set(saved_model)
                              if k not in _HARMLESS_MODEL_FIELDS and now.get(k) != saved_model.get(k))
             if changed:
@@ -501,6 +669,58 @@ class _StopSignal:
     def restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process's RNG states: torch (CPU and CUDA) as tensors, Python's and NumPy's as JSON lists."""
+    numpy_rng = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": _jsonable(random.getstate()),
+            "numpy": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]]}
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    random.setstate(_tupled(rng["python"]))
+    name, keys, *rest = rng["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+
+
+def _offload_useful(device: torch.device) -> bool:
+    """Whether moving the optimizer state to the host saves anything (not when training on the host)."""
+    return device.type != "cpu"
+
+
+class _OptimizerOffload:
+    """fp32 master copies of the trainable parameters on the CPU (pinned where CUDA is present): AdamW
+    steps them there, so its two state tensors per parameter never take accelerator memory. Per step
+    the gradients go to the host and the updated weights come back."""
+
+    def __init__(self, groups: list[list[nn.Parameter]]) -> None:
+        self.params = [p for group in groups for p in group]
+        pin = torch.cuda.is_available()
+
+        def master(p: nn.Parameter) -> nn.Parameter:
+            t = p.detach().to("cpu", torch.float32, copy=True)
+            return nn.Parameter(t.pin_memory() if pin else t)
+
+        self.master_groups = [[master(p) for p in group] for group in groups]
+        self.masters = [m for group in self.master_groups for m in group]
+
+    def gradients_to_master(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            m.grad = None if p.grad is None else p.grad.detach().to("cpu", torch.float32)
+            p.grad = None
+
+    @torch.no_grad()
+    def master_to_model(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            p.copy_(m, non_blocking=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
 
 
 def _jsonable(value: Any) -> Any:
