@@ -130,6 +130,17 @@ def test_sharded_loader_partitions_the_global_batch():
     assert [b["input_ids"].flatten().tolist() for b in resumed] == ranks[1][1:]
 
 
+def test_a_batch_shorter_than_the_ranks_is_kept_with_a_padding_share():
+    """A global batch with fewer items than ranks is kept (as one process keeps it): the rank without an
+    item forwards a padding copy marked to carry no weight."""
+    data = _Items(17)  # global batches of 8: 8, 8, 1
+    shares = [list(D.ShardedBatchLoader(BatchLoader(data, 8, shuffle=False), r, 2)) for r in range(2)]
+    assert [len(s) for s in shares] == [3, 3]
+    scored = [int(i) for s in shares for b in s if not b.get(D.PADDING_KEY) for i in b["input_ids"].flatten()]
+    assert sorted(scored) == list(range(17))
+    assert [D.PADDING_KEY in b for b in shares[1]] == [False, False, True]
+
+
 def test_single_process_is_a_no_op():
     ctx = D.init_distributed("none")
     assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.enabled) == (0, 1, True, False)
@@ -144,3 +155,37 @@ def test_single_process_is_a_no_op():
         D.init_distributed("zero3")
     D.barrier()
     D.cleanup()
+
+
+def _cli(out: Path, nproc: int, *args: str) -> list[str]:
+    launcher = ([str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1
+                else [sys.executable])
+    return [*launcher, "-m", "minillm", "train", *args, "--out-dir", str(out)]
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
+def test_minillm_train_under_torchrun_matches_one_process(tmp_path):
+    """`torchrun -m minillm train`: FSDP pretraining and DDP LoRA fine-tuning reproduce the one-process
+    runs with the same global batch (per-process batch halved)."""
+    pretrain = ["--preset", "tiny", "--data", "builtin", "--max-steps", "4", "--max-length", "32",
+                "--precision", "fp32", "eval_every=0", "data.num_documents=300", "tokenizer.vocab_size=400",
+                "training.log_every=1", "training.warmup_steps=0", "training.progress=false"]
+    _run(_cli(tmp_path / "single", 1, *pretrain, "--batch-size", "8"))
+    _run(_cli(tmp_path / "fsdp", 2, *pretrain, "--batch-size", "4", "--distributed", "fsdp"))
+    curve, ref_curve = _curve(tmp_path / "fsdp"), _curve(tmp_path / "single")
+    assert len(curve) == len(ref_curve) == 5
+    assert max(abs(a - b) for a, b in zip(curve, ref_curve)) < 1e-5
+    assert _max_diff(_weights(tmp_path / "fsdp" / "final"), _weights(tmp_path / "single" / "final")) < 3e-5
+
+    sft = ["stage=sft", f"init_from={tmp_path / 'single' / 'final'}", "--max-steps", "3", "--max-length", "64",
+           "--precision", "fp32", "eval_every=0", "data.num_documents=100", "lora.rank=4", "--lr", "1e-2",
+           "training.log_every=1", "training.warmup_steps=0", "training.progress=false"]
+    _run(_cli(tmp_path / "sft_single", 1, *sft, "--batch-size", "8"))
+    _run(_cli(tmp_path / "sft_ddp", 2, *sft, "--batch-size", "4", "--distributed", "ddp"))
+    curve, ref_curve = _curve(tmp_path / "sft_ddp"), _curve(tmp_path / "sft_single")
+    assert len(curve) == len(ref_curve) == 4
+    assert max(abs(a - b) for a, b in zip(curve, ref_curve)) < 1e-5
+    merged = MiniGPT.from_pretrained(tmp_path / "sft_ddp" / "final")
+    single = MiniGPT.from_pretrained(tmp_path / "sft_single" / "final")
+    ids = torch.arange(1, 17).unsqueeze(0)
+    torch.testing.assert_close(merged(ids).logits, single(ids).logits, atol=1e-4, rtol=0)

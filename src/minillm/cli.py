@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -173,6 +174,8 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     from minillm.training import distributed
 
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 reports progress
+        logging.getLogger("minillm").setLevel(logging.WARNING)
     try:
         result = run_training(config)
         main_process = distributed.is_main()

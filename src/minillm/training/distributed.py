@@ -41,8 +41,9 @@ import torch.distributed as dist
 from torch import nn
 
 MODES = ("none", "ddp", "fsdp")
+PADDING_KEY = "padding_only"  # a batch a rank forwards only to keep in step with the others; not scored
 
-__all__ = ["MODES", "DistributedContext", "ShardedBatchLoader", "all_gather_object", "all_reduce_sum", "any_rank",
+__all__ = ["MODES", "PADDING_KEY", "DistributedContext", "ShardedBatchLoader", "all_gather_object", "all_reduce_sum", "any_rank",
            "barrier", "cleanup", "full_optimizer_state", "full_state_dict", "global_count", "grad_sync",
            "init_distributed", "is_fsdp", "is_main", "load_full_optimizer_state", "load_full_state_dict",
            "loss_scale", "shard_loader", "unwrap", "unwrapped_copy", "world_size", "wrap_model"]
@@ -362,8 +363,10 @@ class ShardedBatchLoader:
     (size world × micro) in its seeded order, and this rank collates the items `indices[rank::world]`.
 
     The position (`state_dict`: seed, epoch, batch_index) is the inner loader's, the same on every rank,
-    so a checkpoint saved by rank 0 resumes every rank. A final global batch with fewer items than ranks
-    is skipped (some rank would get nothing to forward)."""
+    so a checkpoint saved by rank 0 resumes every rank. A global batch with fewer items than ranks (the
+    last, short one) is kept, as one process keeps it: a rank with no item of its own forwards a copy of
+    the batch's first item marked `PADDING_KEY`, which the trainer gives zero weight — every rank must
+    take part in each forward and backward (FSDP gathers weights there, DDP reduces gradients)."""
 
     def __init__(self, loader: Any, rank: int, world_size: int) -> None:
         self.loader = loader
@@ -379,9 +382,7 @@ class ShardedBatchLoader:
         return self.loader.batch_size // self.world_size
 
     def __len__(self) -> int:
-        n, g = len(self.loader.dataset), self.loader.batch_size
-        full, rest = divmod(n, g)
-        return full + (1 if rest >= self.world_size and not self.loader.drop_last else 0)
+        return len(self.loader)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         inner = self.loader
@@ -389,7 +390,8 @@ class ShardedBatchLoader:
         while inner.batch_index < len(batches):
             indices = batches[inner.batch_index]
             inner.batch_index += 1
-            if len(indices) < self.world_size:
+            if self.rank >= len(indices):
+                yield {**inner.collate([inner.dataset[int(indices[0])]]), PADDING_KEY: True}
                 continue
             yield inner.collate([inner.dataset[int(i)] for i in indices[self.rank::self.world_size]])
         inner.epoch += 1

@@ -161,8 +161,8 @@ def _merge(base: dict[str, Any], update: dict[str, Any], source: str, prefix: st
     for key, value in update.items():
         name = f"{prefix}{key}"
         if key not in base:
-            if prefix.startswith(("model.", "training.", "memory.")):
-                base[key] = value  # validated against MiniGPTConfig / TrainingConfig / MemoryConfig below
+            if prefix.startswith(("model.", "training.", "memory.", "lora.")):
+                base[key] = value  # validated against MiniGPTConfig / TrainingConfig / MemoryConfig / LoRAConfig
                 continue
             raise RunConfigError(f"{source}: unknown key {name!r}; known keys here: {', '.join(base)}")
         if isinstance(base[key], dict):

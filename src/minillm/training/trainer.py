@@ -288,21 +288,24 @@ class Trainer:
         where it is also multiplied by the world size to undo DDP/FSDP's gradient averaging — so any
         split into micro-batches and ranks gives the update of one large batch."""
         self.model.train()
-        items = dist_utils.global_count(sum(self.objective.count(b) for b in micro_batches), self.device)
+        # a rank's padding batch (torchrun, short last batch) runs forward and backward with zero weight
+        weights = [0.0 if b.pop(dist_utils.PADDING_KEY, False) else 1.0 for b in micro_batches]
+        items = dist_utils.global_count(sum(self.objective.count(b) for b, w in zip(micro_batches, weights) if w),
+                                        self.device)
         scale = 1.0 / max(items, 1)
         grad_scale = scale * dist_utils.loss_scale(self.model)
         loss_total = torch.zeros((), device=self.device)
         metric_totals: dict[str, torch.Tensor] = {}
         tokens = 0
-        for i, batch in enumerate(micro_batches):
+        for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
             with dist_utils.grad_sync(self.model, sync=i == len(micro_batches) - 1):
                 with self._autocast():
                     out = self.objective(self.model, batch)
-                self.scaler.scale(out.loss_sum * grad_scale).backward()
-            loss_total += out.loss_sum.detach().float() * scale
+                self.scaler.scale(out.loss_sum * (grad_scale * weight)).backward()
+            loss_total += out.loss_sum.detach().float() * (scale * weight)
             for name, value in out.metrics.items():
-                metric_totals[name] = metric_totals.get(name, 0) + value.detach().float() * scale
-            tokens += int(batch["input_ids"].numel())
+                metric_totals[name] = metric_totals.get(name, 0) + value.detach().float() * (scale * weight)
+            tokens += int(batch["input_ids"].numel() * weight)
         if self._offload is not None:
             self._offload.gradients_to_master()
         self.scaler.unscale_(self.optimizer)
@@ -421,12 +424,12 @@ class Trainer:
         for batch in loader:
             pending.append(self._to_device(batch))
             if len(pending) == accum:
-                weight = sum(self.objective.count(b) for b in pending)
+                weight = sum(self.objective.count(b) for b in pending if not b.get(dist_utils.PADDING_KEY))
                 losses.append(float(self._optimizer_step(pending)["loss"]))
                 weights.append(weight)
                 pending = []
         if pending:
-            weight = sum(self.objective.count(b) for b in pending)
+            weight = sum(self.objective.count(b) for b in pending if not b.get(dist_utils.PADDING_KEY))
             losses.append(float(self._optimizer_step(pending)["loss"]))
             weights.append(weight)
         if not losses:
@@ -447,10 +450,13 @@ class Trainer:
             for i, batch in enumerate(loader):
                 if max_batches and i >= max_batches:
                     break
+                padding = batch.pop(dist_utils.PADDING_KEY, False)
                 batch = self._to_device(batch)
                 with self._autocast():
-                    loss_sum += float(self.objective(self.model, batch).loss_sum)
-                items += self.objective.count(batch)
+                    loss = float(self.objective(self.model, batch).loss_sum)
+                if not padding:
+                    loss_sum += loss
+                    items += self.objective.count(batch)
         finally:
             self.model.train(was_training)
         if self.world_size > 1:
