@@ -194,6 +194,14 @@ def test_dry_run_prints_the_memory_estimate_without_training(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "training memory estimate" in out and "activations" in out and "total" in out
     assert not (tmp_path / "run").exists()
+    # the memory: section counts: checkpointing and a smaller micro-batch shrink the activations
+    from minillm.training.run import estimate_run_memory, load_run_config
+
+    plain = estimate_run_memory(load_run_config("pretrain_small"))
+    saving = estimate_run_memory(load_run_config("pretrain_small", ["memory.gradient_checkpointing=true",
+                                                                    "memory.micro_batch_size=2"]))
+    assert (saving.batch_size, saving.gradient_checkpointing) == (2, True)
+    assert saving.activations < plain.activations / 10 and saving.weights == plain.weights
 
 
 def test_metrics_record_memory(trained_run):

@@ -170,22 +170,19 @@ def test_minillm_train_under_torchrun_matches_one_process(tmp_path):
     pretrain = ["--preset", "tiny", "--data", "builtin", "--max-steps", "4", "--max-length", "32",
                 "--precision", "fp32", "eval_every=0", "data.num_documents=300", "tokenizer.vocab_size=400",
                 "training.log_every=1", "training.warmup_steps=0", "training.progress=false"]
-    _run(_cli(tmp_path / "single", 1, *pretrain, "--batch-size", "8"))
-    _run(_cli(tmp_path / "fsdp", 2, *pretrain, "--batch-size", "4", "--distributed", "fsdp"))
-    curve, ref_curve = _curve(tmp_path / "fsdp"), _curve(tmp_path / "single")
-    assert len(curve) == len(ref_curve) == 5
-    assert max(abs(a - b) for a, b in zip(curve, ref_curve)) < 1e-5
-    assert _max_diff(_weights(tmp_path / "fsdp" / "final"), _weights(tmp_path / "single" / "final")) < 3e-5
+    def same_run(name: str, args: list[str], mode: str, points: int) -> None:
+        _run(_cli(tmp_path / f"{name}_single", 1, *args, "--batch-size", "8"))
+        _run(_cli(tmp_path / f"{name}_{mode}", 2, *args, "--batch-size", "4", "--distributed", mode))
+        curve, ref_curve = _curve(tmp_path / f"{name}_{mode}"), _curve(tmp_path / f"{name}_single")
+        assert len(curve) == len(ref_curve) == points
+        assert max(abs(a - b) for a, b in zip(curve, ref_curve)) < 1e-5
+        merged = MiniGPT.from_pretrained(tmp_path / f"{name}_{mode}" / "final")  # loads in one process
+        single = MiniGPT.from_pretrained(tmp_path / f"{name}_single" / "final")
+        ids = torch.arange(1, 17).unsqueeze(0)
+        torch.testing.assert_close(merged(ids).logits, single(ids).logits, atol=1e-4, rtol=0)
 
-    sft = ["stage=sft", f"init_from={tmp_path / 'single' / 'final'}", "--max-steps", "3", "--max-length", "64",
-           "--precision", "fp32", "eval_every=0", "data.num_documents=100", "lora.rank=4", "--lr", "1e-2",
-           "training.log_every=1", "training.warmup_steps=0", "training.progress=false"]
-    _run(_cli(tmp_path / "sft_single", 1, *sft, "--batch-size", "8"))
-    _run(_cli(tmp_path / "sft_ddp", 2, *sft, "--batch-size", "4", "--distributed", "ddp"))
-    curve, ref_curve = _curve(tmp_path / "sft_ddp"), _curve(tmp_path / "sft_single")
-    assert len(curve) == len(ref_curve) == 4
-    assert max(abs(a - b) for a, b in zip(curve, ref_curve)) < 1e-5
-    merged = MiniGPT.from_pretrained(tmp_path / "sft_ddp" / "final")
-    single = MiniGPT.from_pretrained(tmp_path / "sft_single" / "final")
-    ids = torch.arange(1, 17).unsqueeze(0)
-    torch.testing.assert_close(merged(ids).logits, single(ids).logits, atol=1e-4, rtol=0)
+    same_run("pretrain", pretrain, "fsdp", 5)
+    sft = ["stage=sft", f"init_from={tmp_path / 'pretrain_single' / 'final'}", "--max-steps", "3",
+           "--max-length", "64", "--precision", "fp32", "eval_every=0", "data.num_documents=100", "lora.rank=4",
+           "--lr", "1e-2", "training.log_every=1", "training.warmup_steps=0", "training.progress=false"]
+    same_run("sft", sft, "ddp", 4)

@@ -393,8 +393,10 @@ def estimate_run_memory(config: dict[str, Any], device: str | None = None) -> Me
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_precision(training.precision, device)
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    return estimate_memory(model_config, training.batch_size, int(config["data"]["max_length"]),
-                           precision=precision, gradient_checkpointing=model_config.gradient_checkpointing)
+    memory = MemoryConfig(**config["memory"])
+    return estimate_memory(model_config, memory.micro_batch_size or training.batch_size,
+                           int(config["data"]["max_length"]), precision=precision,
+                           gradient_checkpointing=model_config.gradient_checkpointing or memory.gradient_checkpointing)
 
 
 def run_training(config: dict[str, Any]) -> dict[str, Any]:

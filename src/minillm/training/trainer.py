@@ -181,8 +181,9 @@ class Trainer:
         self.dist = dist_utils.init_distributed(config.distributed, device)
         self.device = self.dist.device if self.dist.enabled else torch.device(
             device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.world_size = dist_utils.world_size()
-        self.is_main = dist_utils.is_main()
+        # with distributed="none" this process trains alone, even inside someone else's process group
+        self.world_size = dist_utils.world_size() if self.dist.enabled else 1
+        self.is_main = dist_utils.is_main() if self.dist.enabled else True
         self._check_combination(model)
         torch.manual_seed(config.seed)
         model = model.to(self.device)
@@ -290,8 +291,9 @@ class Trainer:
         self.model.train()
         # a rank's padding batch (torchrun, short last batch) runs forward and backward with zero weight
         weights = [0.0 if b.pop(dist_utils.PADDING_KEY, False) else 1.0 for b in micro_batches]
-        items = dist_utils.global_count(sum(self.objective.count(b) for b, w in zip(micro_batches, weights) if w),
-                                        self.device)
+        items = sum(self.objective.count(b) for b, w in zip(micro_batches, weights) if w)
+        if self.world_size > 1:
+            items = dist_utils.global_count(items, self.device)
         scale = 1.0 / max(items, 1)
         grad_scale = scale * dist_utils.loss_scale(self.model)
         loss_total = torch.zeros((), device=self.device)
@@ -360,7 +362,10 @@ class Trainer:
         stop_signal = _StopSignal()
         try:
             while self.step < total:
-                if dist_utils.any_rank(stop_signal.received is not None, self.device):
+                stop = stop_signal.received is not None
+                if self.world_size > 1:  # every rank must take part, whatever it received
+                    stop = dist_utils.any_rank(stop, self.device)
+                if stop:
                     self._save_interrupted(metrics_log, stop_signal.received or signal.SIGTERM)
                 micro_batches = [next(batches) for _ in range(cfg.grad_accum_steps)]
                 seq_len = int(micro_batches[0]["input_ids"].shape[-1])
@@ -496,11 +501,13 @@ class Trainer:
         (`adapter_model.safetensors`, `adapter_config.json`); with `full_weights=False` (the rolling
         `step_N/` checkpoints) only the adapter is written. Under torchrun every rank calls this (FSDP
         gathers the shards) and rank 0 writes."""
-        plain = dist_utils.unwrapped_copy(self.model)  # collective under FSDP; None off rank 0
+        distributed = self.world_size > 1
+        # collective under FSDP; None off rank 0
+        plain = dist_utils.unwrapped_copy(self.model) if distributed else self.base_model
         optimizer_state = rank_rng = None
         if with_state:
             optimizer_state = dist_utils.full_optimizer_state(self.model, self.optimizer, self._param_names)
-            rank_rng = dist_utils.all_gather_object(_rng_state()) if self.world_size > 1 else None
+            rank_rng = dist_utils.all_gather_object(_rng_state()) if distributed else None
         directory = Path(directory)
         if plain is not None:
             model, write_files, weights = plain, None, True
@@ -518,7 +525,8 @@ class Trainer:
             save_checkpoint(directory, model, self.tokenizer,
                             extra_files={"training_config.json": asdict(self.config)},
                             write_state=write_state, write_files=write_files, weights=weights)
-        dist_utils.barrier()
+        if distributed:
+            dist_utils.barrier()
         return directory
 
     def _save_interrupted(self, metrics_log: MetricsLogger, signum: int) -> None:
