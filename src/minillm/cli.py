@@ -23,6 +23,10 @@ EXAMPLES = {
     "generate": """examples:
   minillm generate runs/pretrain_tiny/final --prompt "小明有3个苹果"
   minillm generate runs/pretrain_tiny/final --prompt "Once" --temperature 0 --max-new-tokens 40""",
+    "chat": """examples:
+  minillm chat runs/sft_tiny/final
+  minillm chat runs/sft_tiny/final --system "你是一个乐于助人的助手。" --temperature 0
+in the chat: /reset clears the conversation, /system TEXT sets the system prompt, /exit leaves""",
     "data download": """examples:
   minillm data download --list
   minillm data download tinyshakespeare --out data/raw
@@ -141,6 +145,16 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=0.95)
     generate.add_argument("--repetition-penalty", type=float, default=1.0)
     generate.add_argument("--seed", type=int)
+
+    chat = command(commands, "chat", "talk with a checkpoint in the terminal (multi-turn, streamed)")
+    chat.add_argument("checkpoint", help="a model directory with a chat template (e.g. runs/sft_tiny/final)")
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    chat.add_argument("--top-p", type=float, default=0.9)
+    chat.add_argument("--top-k", type=int, default=0)
+    chat.add_argument("--repetition-penalty", type=float, default=1.0)
+    chat.add_argument("--seed", type=int)
 
     plot = command(commands, "plot", "redraw a run's plots (plots/*.png) from its metrics.jsonl")
     plot.add_argument("run_dir", help="a run directory holding metrics.jsonl")
@@ -268,6 +282,26 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat(args: argparse.Namespace) -> int:
+    from minillm.inference.chat import ChatSession, run_chat
+    from minillm.inference.generator import GenerationConfig, TextGenerator
+    from minillm.model.transformer import MiniGPT
+    from minillm.tokenizer import BPETokenizer
+    from minillm.training.checkpoint import resolve_checkpoint
+
+    directory = resolve_checkpoint(args.checkpoint)
+    generator = TextGenerator(MiniGPT.from_pretrained(directory), BPETokenizer.from_pretrained(directory))
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              do_sample=args.temperature > 0, top_k=args.top_k, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty, seed=args.seed)
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    run_chat(ChatSession(generator, args.system, config))
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from minillm.training.plots import plot_run
 
@@ -299,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from minillm.training.run import RunConfigError
     from minillm.training.trainer import ResumeError
 
-    handlers = {"train": _train, "generate": _generate, "quickstart": _quickstart, "data": _data, "plot": _plot}
+    handlers = {"train": _train, "generate": _generate, "chat": _chat, "quickstart": _quickstart, "data": _data, "plot": _plot}
     if args.command == "tokenizer":
         handler = _tokenizer_train if args.tokenizer_command == "train" else _tokenizer_eval
     else:

@@ -1,9 +1,15 @@
-"""Text generation for `MiniGPT`: greedy and sampled decoding over a preallocated KV cache.
+"""Text generation for `MiniGPT`: greedy, sampled and beam-search decoding over a preallocated KV cache,
+whole or streamed.
 
 One prefill forward fills the cache with the prompt and computes logits for its last position only;
 then each step feeds one token per row. Prompts of different lengths are left-padded, so every row's
 next token lands in the same column, and the attention mask (one column longer per step) keeps the
 padding out of attention and out of the position ids: each row decodes exactly as it would alone.
+
+Streaming (`stream`, `chat_stream`) yields a `GenerationChunk` per token. Text is decoded incrementally
+and released only up to the last complete UTF-8 character (a Chinese character is often two or three
+byte-level tokens), and text that could be the start of a stop string is held back until it is known
+not to be one, so the chunks always join to exactly the non-streamed text.
 """
 
 from __future__ import annotations
@@ -37,7 +43,13 @@ class GenerationConfig:
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
+    min_p: float = 0.0  # drop tokens whose probability is below min_p × the top token's; 0 = off
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the output
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per earlier occurrence in the output
+    num_beams: int = 1  # > 1: beam search (deterministic; do_sample is ignored)
+    length_penalty: float = 1.0  # beam scores are log-prob sums / generated_length ** length_penalty
+    early_stopping: bool = False  # beam search: stop as soon as num_beams hypotheses are finished
     stop_token_ids: list[int] | None = None  # None = the tokenizer's (else the model's) eos; [] = none
     stop_strings: list[str] | None = None  # text prompts only; the text is cut before the string
     seed: int | None = None  # a private generator: reproducible, and the global RNG is left alone
@@ -56,6 +68,13 @@ class GenerationConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be positive (1 = off), got {self.repetition_penalty}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2] (as in OpenAI's API), got {getattr(self, name)}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
 
     @property
     def greedy(self) -> bool:
@@ -78,6 +97,15 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth_largest, float("-inf"))
 
 
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Min-p sampling: keep the tokens whose probability is at least `min_p` times the most likely one's."""
+    if min_p <= 0.0:
+        return logits
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Nucleus filtering: keep the smallest set of most likely tokens whose probability reaches `top_p`.
 
@@ -91,6 +119,79 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
+
+
+@dataclass
+class GenerationChunk:
+    """One step of a streamed generation."""
+
+    text: str  # new text since the previous chunk; "" while a character's bytes are incomplete
+    token_ids: list[int]  # the token generated in this step (a stop token is not included)
+    finish_reason: str | None = None  # on the last chunk: "stop" (stop token or string) or "length"
+
+
+class _IncrementalDetokenizer:
+    """Decodes a growing list of ids piece by piece. Only text ending in a complete character is released:
+    the last decoded window is kept, and a new piece is the difference once it no longer ends in U+FFFD
+    (the replacement character a partial UTF-8 sequence decodes to)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # the window starts here (at a token that began a character)
+        self.read_offset = 0  # text of ids[prefix_offset:read_offset] has been released
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        released = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
+        if len(text) > len(released) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(released):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still pending at the end (an incomplete character decodes as U+FFFD, as it does
+        in the non-streamed text)."""
+        released = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(released):]
+
+
+class _StopStringFilter:
+    """Releases streamed text, holding back any tail that could be the start of a stop string."""
+
+    def __init__(self, stop_strings: Sequence[str]) -> None:
+        self.stop_strings = [s for s in stop_strings if s]
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """(text safe to release, whether a stop string was hit: then the text ends before it)."""
+        self.pending += text
+        if not self.stop_strings:
+            out, self.pending = self.pending, ""
+            return out, False
+        cuts = [i for i in (self.pending.find(s) for s in self.stop_strings) if i >= 0]
+        if cuts:
+            out, self.pending = self.pending[:min(cuts)], ""
+            return out, True
+        hold = 0
+        for stop in self.stop_strings:
+            for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(stop[:n]):
+                    hold = max(hold, n)
+                    break
+        out = self.pending[:len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
 
 
 @contextlib.contextmanager
@@ -132,6 +233,47 @@ class TextGenerator:
         if isinstance(prompt[0], (list, tuple)):
             return self._generate_ids([list(p) for p in prompt], config)
         return self._generate_ids([list(prompt)], config)[0]
+
+    def stream(self, prompt: str | Sequence[int], config: GenerationConfig | None = None,
+               **overrides: Any) -> Iterator[GenerationChunk]:
+        """Generate for one prompt token by token: a `GenerationChunk` per step, the last one carrying the
+        finish reason. The texts join to what `generate` returns for the same prompt and config (seeded
+        sampling included). Closing the iterator stops decoding at once."""
+        config = _with_overrides(config, overrides)
+        if config.num_beams > 1:
+            raise ValueError("beam search cannot stream (the best beam is known only at the end); use generate()")
+        if self.tokenizer is None:
+            raise ValueError("streaming decodes text and needs a tokenizer: TextGenerator(model, tokenizer)")
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens; give at least one token")
+        return self._stream_ids(ids, config)
+
+    def chat_prompt_ids(self, messages: Sequence[Any]) -> list[int]:
+        """The prompt for a conversation: the tokenizer's chat template with the assistant turn opened."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer: TextGenerator(model, tokenizer)")
+        return list(self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True))
+
+    def chat_stop_ids(self) -> list[int]:
+        """Where an assistant turn ends: the template's end-of-turn token, and end of text."""
+        ids = [getattr(self.tokenizer, "im_end_id", None), self._eos_id()]
+        return list(dict.fromkeys(t for t in ids if t is not None))
+
+    def chat_stream(self, messages: Sequence[Any], config: GenerationConfig | None = None,
+                    **overrides: Any) -> Iterator[GenerationChunk]:
+        """Stream the assistant's reply to `messages` (role/content dicts or `Message`s)."""
+        config = _with_overrides(config, overrides)
+        if config.stop_token_ids is None:
+            config = dataclasses.replace(config, stop_token_ids=self.chat_stop_ids())
+        return self.stream(self.chat_prompt_ids(messages), config)
+
+    def chat(self, messages: Sequence[Any], config: GenerationConfig | None = None, **overrides: Any) -> str:
+        """The assistant's whole reply to `messages`."""
+        return "".join(chunk.text for chunk in self.chat_stream(messages, config, **overrides))
 
     def sample_generate(self, input_ids: torch.Tensor, config: GenerationConfig | None = None,
                         attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,14 +326,48 @@ class TextGenerator:
             results.append(new_ids[:end])
         return results
 
+    def _stream_ids(self, ids: list[int], config: GenerationConfig) -> Iterator[GenerationChunk]:
+        stop_ids = set(self._stop_ids(config))
+        detokenizer = _IncrementalDetokenizer(self.tokenizer)
+        text_filter = _StopStringFilter(config.stop_strings or [])
+        steps = self._decode_steps(torch.tensor([ids], device=self.device), None, config)
+        try:
+            for tokens in steps:
+                token = int(tokens[0, -1])
+                if token in stop_ids:
+                    yield GenerationChunk(text_filter.push(detokenizer.flush())[0] + text_filter.flush(), [], "stop")
+                    return
+                text, hit = text_filter.push(detokenizer.add(token))
+                if hit:
+                    yield GenerationChunk(text, [token], "stop")
+                    return
+                yield GenerationChunk(text, [token])
+            text, hit = text_filter.push(detokenizer.flush())
+            yield GenerationChunk(text if hit else text + text_filter.flush(), [], "stop" if hit else "length")
+        finally:
+            steps.close()
+
     # ------------------------------------------------------------------ the decoding loop
-    @torch.inference_mode()
     def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config: GenerationConfig,
                 stop_criterion: StopCriterion | None = None) -> torch.Tensor:
+        """(B, prompt + new) ids: the whole decoding loop (beam search when `config.num_beams > 1`)."""
+        if config.num_beams > 1:
+            return self._beam_search(input_ids, attention_mask, config)
+        result = input_ids
+        for step in self._decode_steps(input_ids, attention_mask, config, stop_criterion):
+            result = step
+        return result
+
+    @torch.inference_mode()
+    def _decode_steps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      config: GenerationConfig, stop_criterion: StopCriterion | None = None
+                      ) -> Iterator[torch.Tensor]:
+        """Decode step by step, yielding the ids so far (B, prompt + n) after each new column; rows that
+        hit a stop token are padded from then on, and the loop ends when every row has stopped."""
         batch, prompt_len = input_ids.shape
         max_new = self._budget(prompt_len, config)
         if max_new == 0:
-            return input_ids
+            return
         total, pad = prompt_len + max_new, self._pad_id()
         tokens = input_ids.new_full((batch, total), pad)  # (B, total), filled column by column
         tokens[:, :prompt_len] = input_ids
@@ -207,6 +383,9 @@ class TextGenerator:
             counts = torch.zeros(batch, self.model.config.vocab_size, dtype=torch.long, device=self.device)
             real = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
             seen = counts.scatter_add_(1, input_ids, real) > 0  # (B, V)
+        counts = None  # occurrences of each token in the output, for presence/frequency penalties
+        if config.presence_penalty or config.frequency_penalty:
+            counts = torch.zeros(batch, self.model.config.vocab_size, device=self.device)
         generator = None
         if config.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(config.seed)
@@ -216,17 +395,110 @@ class TextGenerator:
         with _eval_mode(self.model):
             for pos in range(prompt_len, total):
                 logits = self._next_logits(tokens, mask, pos, cache)
-                next_tokens = self._pick(self._process_logits(logits, seen, config), config, generator)
+                next_tokens = self._pick(self._process_logits(logits, seen, config, counts), config, generator)
                 next_tokens = next_tokens.masked_fill(finished, pad)
                 tokens[:, pos] = next_tokens
                 if seen is not None:
                     seen.scatter_(1, next_tokens[:, None], True)
+                if counts is not None:
+                    counts.scatter_add_(1, next_tokens[:, None], (~finished).float()[:, None])
                 finished |= torch.isin(next_tokens, stop_ids)
                 if stop_criterion is not None:
                     finished |= stop_criterion(tokens[:, prompt_len:pos + 1])
+                yield tokens[:, :pos + 1]
                 if bool(finished.all()):  # the one host sync per step
-                    return tokens[:, :pos + 1]
-        return tokens
+                    return
+
+    @torch.inference_mode()
+    def _beam_search(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     config: GenerationConfig) -> torch.Tensor:
+        """Beam search with transformers' rules, so both pick the same sequence from the same logits.
+
+        Each step scores every (beam, token) continuation by its summed log-probability and keeps the
+        2·num_beams best (enough that num_beams stay alive when some end). A continuation that ends with
+        a stop token, or reaches the length budget, becomes a finished hypothesis scored by
+        sum / generated_length ** length_penalty, if it ranks among the first num_beams; the rest keep
+        running. A prompt is done when num_beams hypotheses are finished and `early_stopping` is set, or
+        (otherwise) when the best running beam, scored at its current length, cannot beat the worst
+        finished one. Returns (B, prompt + n) ids of the best hypothesis per prompt, padded."""
+        batch, prompt_len = input_ids.shape
+        max_new = self._budget(prompt_len, config)
+        if max_new == 0:
+            return input_ids
+        beams, pad, device = config.num_beams, self._pad_id(), self.device
+        total = prompt_len + max_new
+        stop_ids = torch.tensor(self._stop_ids(config), dtype=torch.long, device=device)
+        keep = max(2, 1 + len(stop_ids)) * beams
+        first_beams = torch.arange(keep, device=device) < beams  # candidates that may finish this step
+        # every prompt is repeated once per beam; only beam 0 starts alive so the first step does not
+        # pick the same continuation num_beams times
+        running = input_ids.new_full((batch, beams, total), pad)
+        running[:, :, :prompt_len] = input_ids[:, None]
+        running_scores = torch.zeros(batch, beams, device=device)
+        running_scores[:, 1:] = -1e9
+        finished = running.clone()
+        finished_scores = torch.full((batch, beams), -1e9, device=device)
+        finished_lengths = torch.zeros(batch, beams, dtype=torch.long, device=device)
+        is_done = torch.zeros(batch, beams, dtype=torch.bool, device=device)
+        improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            grown = torch.ones(batch, max_new, dtype=torch.long, device=device)
+            mask = torch.cat([attention_mask.long(), grown], dim=1).repeat_interleave(beams, dim=0)
+        cache = KVCache(self.model.config.num_hidden_layers, total - 1)
+        vocab = self.model.config.vocab_size
+        rows = torch.arange(batch, device=device)[:, None]
+
+        with _eval_mode(self.model):
+            for pos in range(prompt_len, total):
+                flat = running.view(batch * beams, total)
+                logits = self._next_logits(flat, mask, pos, cache)  # (B·beams, V)
+                log_probs = logits.log_softmax(dim=-1)
+                if config.repetition_penalty != 1.0:  # on log-probs, as transformers does in beam search
+                    real = torch.ones_like(flat[:, :pos]) if mask is None else mask[:, :pos]
+                    seen = torch.zeros(flat.shape[0], vocab, dtype=torch.long, device=device)
+                    seen = seen.scatter_add_(1, flat[:, :pos], real.long()) > 0  # padding is never penalised
+                    log_probs = apply_repetition_penalty(log_probs, seen, config.repetition_penalty)
+                scores = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, -1)
+                top_scores, top_index = scores.topk(keep, dim=-1)
+                parent, token = top_index // vocab, top_index % vocab
+                candidates = running[rows, parent]  # (B, keep, total)
+                candidates[:, :, pos] = token
+                ends = torch.isin(token, stop_ids) if len(stop_ids) else torch.zeros_like(token, dtype=torch.bool)
+                if pos == total - 1:
+                    ends = torch.ones_like(ends)  # the length budget ends every candidate
+                # the best num_beams candidates that go on become the running beams
+                alive_scores = top_scores + ends.float() * -1e9
+                alive = alive_scores.topk(beams, dim=-1).indices
+                running = candidates[rows, alive]
+                running_scores = alive_scores[rows, alive]
+                cache.reorder((rows * beams + parent[rows, alive]).view(-1))
+                # candidates that end (among the first num_beams) join the finished hypotheses
+                generated = pos + 1 - prompt_len
+                end_scores = top_scores / generated ** config.length_penalty
+                full = is_done.all(dim=-1, keepdim=True) & config.early_stopping
+                end_scores = end_scores + (full | ~improvable).float() * -1e9
+                newly = ends & first_beams[None, :]
+                end_scores = end_scores + (~newly).float() * -1e9
+                merged_scores = torch.cat([finished_scores, end_scores], dim=1)
+                best = merged_scores.topk(beams, dim=-1).indices
+                finished = torch.cat([finished, candidates], dim=1)[rows, best]
+                finished_scores = merged_scores[rows, best]
+                lengths = torch.full_like(token, generated)
+                finished_lengths = torch.cat([finished_lengths, lengths], dim=1)[rows, best]
+                is_done = torch.cat([is_done, newly], dim=1)[rows, best]
+                # can a running beam still beat the worst finished hypothesis?
+                best_running = running_scores[:, :1] / generated ** config.length_penalty
+                worst_finished = torch.where(is_done, finished_scores.min(dim=1, keepdim=True).values,
+                                             torch.full_like(finished_scores, -1e9))
+                improvable = improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)
+                all_full = bool(is_done.all()) and config.early_stopping
+                if not bool(improvable.any()) or all_full:
+                    break
+        best_lengths = finished_lengths[:, 0]
+        out = finished[:, 0, :prompt_len + int(best_lengths.max())].clone()
+        columns = torch.arange(out.shape[1], device=device)[None, :]
+        return out.masked_fill(columns >= prompt_len + best_lengths[:, None], pad)
 
     def _next_logits(self, tokens: torch.Tensor, mask: torch.Tensor | None, pos: int,
                      cache: KVCache | None) -> torch.Tensor:
@@ -238,14 +510,18 @@ class TextGenerator:
         return out.logits[:, -1].float()
 
     @staticmethod
-    def _process_logits(logits: torch.Tensor, seen: torch.Tensor | None,
-                        config: GenerationConfig) -> torch.Tensor:
-        """The logits-processor chain, in transformers' order: penalty, temperature, top-k, top-p."""
+    def _process_logits(logits: torch.Tensor, seen: torch.Tensor | None, config: GenerationConfig,
+                        counts: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits-processor chain, in transformers' order (repetition penalty, temperature, top-k,
+        top-p, min-p), with OpenAI's presence/frequency penalties first."""
+        if counts is not None:
+            logits = logits - config.frequency_penalty * counts - config.presence_penalty * (counts > 0).float()
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
         if config.greedy:
             return logits
-        return top_p_filter(top_k_filter(logits / config.temperature, config.top_k), config.top_p)
+        logits = top_p_filter(top_k_filter(logits / config.temperature, config.top_k), config.top_p)
+        return min_p_filter(logits, config.min_p)
 
     @staticmethod
     def _pick(logits: torch.Tensor, config: GenerationConfig,

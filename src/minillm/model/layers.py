@@ -81,6 +81,18 @@ class KVCache:
         """Positions cached so far (read before a forward pass: layers update one after another)."""
         return self.lengths[0]
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the rows `index` (beam search: each surviving beam takes its parent's past)."""
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is None:
+                continue
+            n = self.lengths[layer]
+            if self.max_length is None:
+                self.keys[layer], self.values[layer] = k.index_select(0, index), v.index_select(0, index)
+            else:
+                k[:, :, :n] = k[index, :, :n]
+                v[:, :, :n] = v[index, :, :n]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, new = self.lengths[layer], k.shape[2]
         end = start + new
