@@ -43,6 +43,10 @@ in the chat: /reset clears the conversation, /system TEXT sets the system prompt
     "tokenizer eval": """examples:
   minillm tokenizer eval --data builtin --tokenizer runs/pretrain_tiny/final --tokenizer cl100k_base
   minillm tokenizer eval --data corpus.txt --tokenizer gpt2 --tokenizer runs/tok""",
+    "serve": """examples:
+  minillm serve runs/sft_tiny/final                       # http://127.0.0.1:8000: chat page and /v1 API
+  minillm serve runs/sft_tiny/final --port 8080 --api-key secret --model-name mini
+  # OpenAI clients then use base_url http://127.0.0.1:8080/v1, api_key secret, model mini""",
     "plot": """examples:
   minillm plot runs/pretrain_tiny""",
     "quickstart": """examples:
@@ -155,6 +159,20 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-k", type=int, default=0)
     chat.add_argument("--repetition-penalty", type=float, default=1.0)
     chat.add_argument("--seed", type=int)
+
+    serve = command(commands, "serve", "serve a checkpoint over an OpenAI-compatible HTTP API, with a chat page")
+    serve.add_argument("checkpoint", help="a model directory (e.g. runs/sft_tiny/final)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: this machine only; 0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("MINILLM_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1/ requests (default: $MINILLM_API_KEY)")
+    serve.add_argument("--model-name", help="the model id clients see in /v1/models (default: CHECKPOINT)")
+    serve.add_argument("--max-tokens-limit", type=int, default=1024,
+                       help="the largest max_tokens a request may ask for, and the default")
+    serve.add_argument("--max-concurrent", type=int, default=32,
+                       help="requests admitted at once (one generates, the rest wait in line); more get 503")
+    serve.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
 
     plot = command(commands, "plot", "redraw a run's plots (plots/*.png) from its metrics.jsonl")
     plot.add_argument("run_dir", help="a run directory holding metrics.jsonl")
@@ -302,6 +320,42 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    bounds = (("--port", args.port, 1, 65535), ("--max-tokens-limit", args.max_tokens_limit, 1, None),
+              ("--max-concurrent", args.max_concurrent, 1, None))
+    for flag, value, low, high in bounds:
+        if value < low or (high is not None and value > high):
+            allowed = f"between {low} and {high}" if high is not None else f"at least {low}"
+            print(f"minillm serve: error: {flag} must be {allowed}, got {value}", file=sys.stderr)
+            return 2
+    if args.api_key is not None and not args.api_key.strip():
+        print("minillm serve: error: --api-key is empty", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from minillm.model.transformer import MiniGPT
+    from minillm.serving import ServerLimits, create_app, run_server
+    from minillm.tokenizer import BPETokenizer
+    from minillm.training.checkpoint import resolve_checkpoint
+
+    directory = resolve_checkpoint(args.checkpoint)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model = MiniGPT.from_pretrained(directory, device=device)
+    tokenizer = BPETokenizer.from_pretrained(directory)
+    name = args.model_name or args.checkpoint
+    limits = ServerLimits(max_tokens_limit=args.max_tokens_limit, max_concurrent=args.max_concurrent)
+    app = create_app(model, tokenizer, model_name=name, api_key=args.api_key, limits=limits)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {name!r} on {device}: chat page http://{host}:{args.port}/ , "
+          f"API http://{host}:{args.port}/v1", file=sys.stderr)
+    if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"minillm serve: warning: listening on {args.host} without --api-key: anyone who can reach "
+              "this port can use the model", file=sys.stderr)
+    run_server(app, host=args.host, port=args.port)
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from minillm.training.plots import plot_run
 
@@ -333,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from minillm.training.run import RunConfigError
     from minillm.training.trainer import ResumeError
 
-    handlers = {"train": _train, "generate": _generate, "chat": _chat, "quickstart": _quickstart, "data": _data, "plot": _plot}
+    handlers = {"train": _train, "generate": _generate, "chat": _chat, "quickstart": _quickstart, "data": _data, "plot": _plot,
+                "serve": _serve}
     if args.command == "tokenizer":
         handler = _tokenizer_train if args.tokenizer_command == "train" else _tokenizer_eval
     else:
