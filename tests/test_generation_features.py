@@ -156,3 +156,37 @@ def test_invalid_generation_options_are_refused():
     for bad in (dict(min_p=1.5), dict(presence_penalty=3.0), dict(num_beams=0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             GenerationConfig(**bad)
+
+
+@pytest.mark.parametrize(("beams", "length_penalty", "early_stopping"), [(3, 1.0, False), (4, 0.5, True), (2, 2.0, False)])
+def test_beam_search_equals_transformers_on_the_same_weights(beams, length_penalty, early_stopping):
+    """transformers' beam search on our weights (as a LlamaForCausalLM) picks the same sequences, with stop
+    tokens that end some hypotheses early, in a left-padded batch."""
+    pytest.importorskip("transformers")
+    from minillm.model.hf import to_transformers
+
+    torch.manual_seed(11)
+    model = MiniGPT(MiniGPTConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)).eval()
+    generator = TextGenerator(model)
+    prompts = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
+    # stop tokens the model does produce, so hypotheses finish at different lengths
+    free = generator.generate(prompts, max_new_tokens=12, num_beams=beams, length_penalty=length_penalty,
+                              early_stopping=early_stopping, stop_token_ids=[])
+    stops = sorted({free[0][3], free[1][5]})
+    ours = generator.generate(prompts, max_new_tokens=12, num_beams=beams, length_penalty=length_penalty,
+                              early_stopping=early_stopping, stop_token_ids=stops)
+    hf = to_transformers(model)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=12, num_beams=beams, do_sample=False,
+                      length_penalty=length_penalty, early_stopping=early_stopping, eos_token_id=stops,
+                      pad_token_id=0)
+    theirs = []
+    for row in out[:, width:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        theirs.append(row[:end])
+    assert ours == theirs
+    if length_penalty <= 1.0:  # (a strong length penalty rightly prefers the hypotheses that run to the end)
+        assert any(row and row[-1] in stops for row in ours)  # some hypothesis did end on a stop token
