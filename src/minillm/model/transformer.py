@@ -113,7 +113,8 @@ class MiniGPT(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         if self.model.embed_positions is not None:
             x = x + self.model.embed_positions(position_ids)
-        x = self.model.dropout(x)
+        if self.training and self.config.dropout > 0:
+            x = self.model.dropout(x)
         rope = self.model.rotary(position_ids, x.dtype) if self.model.rotary is not None else None
 
         aux_losses = []
