@@ -18,11 +18,9 @@ from contextlib import contextmanager
 import httpx
 import openai
 import pytest
-import torch
 
 from minillm.cli import main
 from minillm.inference.generator import TextGenerator
-from minillm.model.config import MiniGPTConfig
 from minillm.model.transformer import MiniGPT
 from minillm.serving import ServerLimits, background_server, create_app
 
@@ -32,22 +30,9 @@ LIMITS = ServerLimits(max_tokens_limit=64, max_messages=8, max_input_chars=2000,
 MESSAGES = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "小明有3个苹果，"}]
 
 
-def tiny_model(tokenizer) -> MiniGPT:
-    """A random two-layer model (context 128) whose special tokens never win the argmax: greedy replies
-    are never cut short by an end-of-turn token, so they all have text and run to max_tokens."""
-    torch.manual_seed(0)
-    config = MiniGPTConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           num_key_value_heads=1, intermediate_size=64, max_position_embeddings=128,
-                           tie_word_embeddings=False, initializer_range=0.5)
-    model = MiniGPT(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight[sorted(tokenizer.special_token_ids)] = 0
-    return model
-
-
 @pytest.fixture(scope="module")
-def model(tokenizer) -> MiniGPT:
-    return tiny_model(tokenizer)
+def model(chat_model) -> MiniGPT:
+    return chat_model
 
 
 @pytest.fixture(scope="module")

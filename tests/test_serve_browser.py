@@ -8,28 +8,13 @@ import os
 from collections.abc import Iterator
 
 import pytest
-import torch
 
 from minillm.inference.generator import TextGenerator
-from minillm.model.config import MiniGPTConfig
-from minillm.model.transformer import MiniGPT
 from minillm.serving import ServerLimits, background_server, create_app
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 SYSTEM = "You answer briefly."
-
-
-def tiny_model(tokenizer) -> MiniGPT:
-    """A random two-layer model whose special tokens never win the argmax, so every greedy reply has text."""
-    torch.manual_seed(0)
-    config = MiniGPTConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           num_key_value_heads=1, intermediate_size=64, max_position_embeddings=128,
-                           tie_word_embeddings=False, initializer_range=0.5)
-    model = MiniGPT(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight[sorted(tokenizer.special_token_ids)] = 0
-    return model
 
 
 def _missing_browser() -> str | None:
@@ -67,8 +52,8 @@ def browser() -> Iterator:
 
 
 @pytest.fixture(scope="module")
-def generator(tokenizer) -> TextGenerator:
-    return TextGenerator(tiny_model(tokenizer), tokenizer)
+def generator(chat_model, tokenizer) -> TextGenerator:
+    return TextGenerator(chat_model, tokenizer)
 
 
 @pytest.fixture(scope="module")

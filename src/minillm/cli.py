@@ -66,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
         return parent.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES.get(key or name),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 
+    def sampling_flags(sub: argparse.ArgumentParser, max_new_tokens: int, temperature: float, top_p: float) -> None:
+        sub.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+        sub.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+        sub.add_argument("--top-k", type=int, default=0)
+        sub.add_argument("--top-p", type=float, default=top_p)
+        sub.add_argument("--repetition-penalty", type=float, default=1.0)
+        sub.add_argument("--seed", type=int)
+
     tokenizer = commands.add_parser("tokenizer", help="train or compare tokenizers")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
     tok_train = command(tokenizer_commands, "train", "train a byte-level BPE tokenizer on a corpus",
@@ -143,22 +151,12 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("checkpoint", help="a model directory (e.g. runs/pretrain_tiny/final)")
     generate.add_argument("--prompt", action="append", required=True,
                           help="prompt text; repeat for a batch")
-    generate.add_argument("--max-new-tokens", type=int, default=100)
-    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    generate.add_argument("--top-k", type=int, default=0)
-    generate.add_argument("--top-p", type=float, default=0.95)
-    generate.add_argument("--repetition-penalty", type=float, default=1.0)
-    generate.add_argument("--seed", type=int)
+    sampling_flags(generate, max_new_tokens=100, temperature=0.8, top_p=0.95)
 
     chat = command(commands, "chat", "talk with a checkpoint in the terminal (multi-turn, streamed)")
     chat.add_argument("checkpoint", help="a model directory with a chat template (e.g. runs/sft_tiny/final)")
     chat.add_argument("--system", help="system prompt")
-    chat.add_argument("--max-new-tokens", type=int, default=256)
-    chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    chat.add_argument("--top-p", type=float, default=0.9)
-    chat.add_argument("--top-k", type=int, default=0)
-    chat.add_argument("--repetition-penalty", type=float, default=1.0)
-    chat.add_argument("--seed", type=int)
+    sampling_flags(chat, max_new_tokens=256, temperature=0.7, top_p=0.9)
 
     serve = command(commands, "serve", "serve a checkpoint over an OpenAI-compatible HTTP API, with a chat page")
     serve.add_argument("checkpoint", help="a model directory (e.g. runs/sft_tiny/final)")
@@ -283,7 +281,8 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _load_generator(args: argparse.Namespace):
+    """The checkpoint's model and tokenizer as a `TextGenerator`, and the sampling flags as a config."""
     from minillm.inference.generator import GenerationConfig, TextGenerator
     from minillm.model.transformer import MiniGPT
     from minillm.tokenizer import BPETokenizer
@@ -294,6 +293,11 @@ def _generate(args: argparse.Namespace) -> int:
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               do_sample=args.temperature > 0, top_k=args.top_k, top_p=args.top_p,
                               repetition_penalty=args.repetition_penalty, seed=args.seed)
+    return generator, config
+
+
+def _generate(args: argparse.Namespace) -> int:
+    generator, config = _load_generator(args)
     for prompt, text in zip(args.prompt, generator.generate(list(args.prompt), config)):
         print(prompt + text)
         print()
@@ -302,16 +306,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     from minillm.inference.chat import ChatSession, run_chat
-    from minillm.inference.generator import GenerationConfig, TextGenerator
-    from minillm.model.transformer import MiniGPT
-    from minillm.tokenizer import BPETokenizer
-    from minillm.training.checkpoint import resolve_checkpoint
 
-    directory = resolve_checkpoint(args.checkpoint)
-    generator = TextGenerator(MiniGPT.from_pretrained(directory), BPETokenizer.from_pretrained(directory))
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              do_sample=args.temperature > 0, top_k=args.top_k, top_p=args.top_p,
-                              repetition_penalty=args.repetition_penalty, seed=args.seed)
+    generator, config = _load_generator(args)
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
