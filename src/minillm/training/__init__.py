@@ -2,7 +2,14 @@
 
 from minillm.training.memory import MemoryConfig, MemoryMonitor
 from minillm.training.objectives import LanguageModelingObjective, Objective, ObjectiveOutput
-from minillm.training.trainer import PreTrainer, SFTTrainer, Trainer, TrainingConfig, resolve_precision
+from minillm.training.trainer import (
+           DPOTrainer,
+           PreTrainer,
+           SFTTrainer,
+           Trainer,
+           TrainingConfig,
+           resolve_precision,
+)
 
-__all__ = ["MemoryConfig", "MemoryMonitor", "SFTTrainer", "LanguageModelingObjective", "Objective", "ObjectiveOutput", "PreTrainer", "Trainer",
+__all__ = ["DPOTrainer", "MemoryConfig", "MemoryMonitor", "SFTTrainer", "LanguageModelingObjective", "Objective", "ObjectiveOutput", "PreTrainer", "Trainer",
            "TrainingConfig", "resolve_precision"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from minillm.model.transformer import causal_lm_loss
@@ -55,3 +56,111 @@ class LanguageModelingObjective:
             loss_sum = loss_sum + model.config.router_aux_loss_coef * aux_sum
             metrics["aux_loss"] = aux_sum.detach()
         return ObjectiveOutput(loss_sum=loss_sum, metrics=metrics)
+
+
+# ---------------------------------------------------------------------------------------- preferences
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Per sequence, the summed (or, with `average`, mean) log-probability of the labelled tokens:
+    position t's logits score labels[t + 1]; -100 labels are skipped. Computed in fp32."""
+    logits = logits[:, :-1].float()
+    labels = labels[:, 1:]
+    mask = labels != -100
+    token_logps = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    total = (token_logps * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO losses and the implicit rewards β·(log π − log π_ref) of the chosen and rejected replies.
+
+    With h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)):
+    - sigmoid (Rafailov et al. 2023), with label smoothing ε (cDPO: the label is wrong with probability
+      ε): −(1 − ε)·log σ(β·h) − ε·log σ(−β·h); log 2 when the policy is the reference;
+    - ipo (Azar et al. 2023): (h − 1/(2β))², on per-token average log-probabilities (as TRL);
+    - hinge (SLiC): max(0, 1 − β·h).
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not supported; allowed: {', '.join(DPO_LOSS_TYPES)}")
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = (-F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        losses = torch.relu(1 - beta * h)
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+class DPOObjective:
+    """Direct preference optimisation on pairs from `PreferenceDataset` (keys `chosen_input_ids`,
+    `chosen_labels`, `rejected_…`): the loss is summed over pairs, and the metrics carry the names TRL
+    users know (`rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins`,
+    `logps/chosen`, `logps/rejected`).
+
+    The reference log-probabilities come from the batch when it holds `ref_chosen_logps` and
+    `ref_rejected_logps` (precomputed once, so no reference model stays in memory), else from
+    `reference`, a frozen model run without gradients.
+    """
+
+    name = "dpo"
+
+    def __init__(self, reference: nn.Module | None = None, beta: float = 0.1, loss_type: str = "sigmoid",
+                 label_smoothing: float = 0.0) -> None:
+        if beta <= 0:
+            raise ValueError(f"beta must be positive, got {beta}")
+        if loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"loss_type={loss_type!r} is not supported; allowed: {', '.join(DPO_LOSS_TYPES)}")
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        self.reference = reference
+        if reference is not None:
+            reference.requires_grad_(False).eval()
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["chosen_input_ids"].shape[0])
+
+    def logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) log-probabilities of `model`, from one forward over both halves."""
+        chosen, rejected = batch["chosen_input_ids"], batch["rejected_input_ids"]
+        width = max(chosen.shape[1], rejected.shape[1])
+
+        def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+            return F.pad(t, (0, width - t.shape[1]), value=value)
+
+        ids = torch.cat([pad(chosen, 0), pad(rejected, 0)])
+        labels = torch.cat([pad(batch["chosen_labels"], -100), pad(batch["rejected_labels"], -100)])
+        mask = torch.cat([pad(batch["chosen_attention_mask"], 0), pad(batch["rejected_attention_mask"], 0)])
+        logits = model(ids, attention_mask=mask).logits
+        logps = sequence_logps(logits, labels, average=self.loss_type == "ipo")
+        return logps[:len(chosen)], logps[len(chosen):]
+
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if "ref_chosen_logps" in batch:
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        if self.reference is None:
+            raise ValueError("DPO needs reference log-probabilities: give a reference model, or precompute "
+                             "them into the batches (ref_chosen_logps, ref_rejected_logps)")
+        with torch.no_grad():
+            return self.logps(self.reference, batch)
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        policy_chosen, policy_rejected = self.logps(model, batch)
+        ref_chosen, ref_rejected = self.reference_logps(batch)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen.to(policy_chosen), ref_rejected.to(policy_chosen),
+            self.beta, self.loss_type, self.label_smoothing)
+        metrics = {
+            "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+            "logps/chosen": policy_chosen.detach().sum(), "logps/rejected": policy_rejected.detach().sum(),
+        }
+        return ObjectiveOutput(loss_sum=losses.sum(), metrics=metrics)

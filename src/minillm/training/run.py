@@ -28,8 +28,9 @@ import torch
 import yaml
 from torch.utils.data import Dataset
 
-from minillm.data.builtin import Identity, builtin_corpus, builtin_sft_conversations
-from minillm.data.formats import Conversation, load_records
+from minillm.data.builtin import Identity, builtin_corpus, builtin_preference_pairs, builtin_sft_conversations
+from minillm.data.formats import Conversation, PreferencePair, load_records
+from minillm.data.preference import PreferenceDataset
 from minillm.data.pretrain import (
     TokenShards,
     iter_documents,
@@ -48,11 +49,18 @@ from minillm.tokenizer.pretrained import TokenizerLoadError, load_tokenizer
 from minillm.training import distributed as dist_utils
 from minillm.training.checkpoint import latest_checkpoint, resolve_checkpoint
 from minillm.training.memory import MemoryConfig, MemoryEstimate, estimate_memory
-from minillm.training.trainer import PreTrainer, SFTTrainer, Trainer, TrainingConfig, resolve_precision
+from minillm.training.trainer import (
+    DPOTrainer,
+    PreTrainer,
+    SFTTrainer,
+    Trainer,
+    TrainingConfig,
+    resolve_precision,
+)
 
 logger = logging.getLogger("minillm.training")
 
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "dpo")
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
 
 DEFAULTS: dict[str, Any] = {
@@ -86,6 +94,11 @@ DEFAULTS: dict[str, Any] = {
     },
     "training": {},
     "memory": {},  # MemoryConfig: gradient_checkpointing, micro_batch_size, grad_accum_steps, optimizer_offload
+    "objective": {},  # the stage's own options; dpo: beta, loss_type, label_smoothing, precompute_ref_logps
+}
+OBJECTIVE_OPTIONS = {
+    "pretrain": {}, "sft": {},
+    "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "precompute_ref_logps": False},
 }
 SHARED_TRAINING_KEYS = ("max_steps", "epochs", "eval_every", "save_every", "seed", "precision", "distributed")
 
@@ -161,7 +174,7 @@ def _merge(base: dict[str, Any], update: dict[str, Any], source: str, prefix: st
     for key, value in update.items():
         name = f"{prefix}{key}"
         if key not in base:
-            if prefix.startswith(("model.", "training.", "memory.", "lora.")):
+            if prefix.startswith(("model.", "training.", "memory.", "lora.", "objective.")):
                 base[key] = value  # validated against MiniGPTConfig / TrainingConfig / MemoryConfig / LoRAConfig
                 continue
             raise RunConfigError(f"{source}: unknown key {name!r}; known keys here: {', '.join(base)}")
@@ -194,6 +207,14 @@ def _validate(config: dict[str, Any], source: str) -> None:
         MemoryConfig(**config["memory"])
     except (TypeError, ValueError) as e:
         raise RunConfigError(f"{source}: memory: {e}") from None
+    allowed = OBJECTIVE_OPTIONS[config["stage"]]
+    for key in config["objective"]:
+        if key not in allowed:
+            raise RunConfigError(f"{source}: 'objective.{key}' is not an option of stage {config['stage']} "
+                                 f"(its options: {', '.join(allowed) or 'none'})")
+    if config["stage"] == "dpo" and not config["init_from"]:
+        raise RunConfigError(f"{source}: stage dpo needs init_from (the SFT checkpoint to align; it is also "
+                             "the reference model)")
     model_fields = set(MiniGPTConfig.__dataclass_fields__) | {"preset"}
     for key in config["model"]:
         if key not in model_fields:
@@ -303,15 +324,20 @@ def prepare_run(config: dict[str, Any]) -> PreparedRun:
             dist_utils.barrier()
     model = build_model(config, tokenizer)
     _check_fits(config, model, tokenizer)
-    if config["stage"] == "sft":
-        logger.info("model: %.2fM parameters; %d training and %d validation conversations",
+    if config["stage"] in ("sft", "dpo"):
+        logger.info("model: %.2fM parameters; %d training and %d validation examples",
                     model.num_parameters() / 1e6, len(train_set), len(val_set) if val_set else 0)
     else:
         logger.info("model: %.2fM parameters; data: %d training tokens, %d validation tokens",
                     model.num_parameters() / 1e6, train_set.num_tokens(), val_set.num_tokens() if val_set else 0)
-    trainer_class = SFTTrainer if config["stage"] == "sft" else PreTrainer
+    options = {"memory": MemoryConfig(**config["memory"])}
+    if config["stage"] == "dpo":
+        trainer_class: type[Trainer] = DPOTrainer
+        options.update({**OBJECTIVE_OPTIONS["dpo"], **config["objective"]})
+    else:
+        trainer_class = SFTTrainer if config["stage"] == "sft" else PreTrainer
     trainer = trainer_class(model, tokenizer, training_config(config), train_data=train_set, eval_data=val_set,
-                            memory=MemoryConfig(**config["memory"]))
+                            **options)
     return PreparedRun(config, tokenizer, model, train_set, val_set, trainer)
 
 
@@ -319,6 +345,13 @@ def prepare_data(config: dict[str, Any]) -> tuple[BPETokenizer, Dataset, Dataset
     """The run's tokenizer and its training and validation sets (token windows for pretraining,
     conversations for SFT)."""
     data = config["data"]
+    if config["stage"] == "dpo":
+        pairs = load_preference_pairs(config)
+        tokenizer = build_tokenizer(config, None)
+        n_val = int(len(pairs) * data["val_fraction"])
+        train_set = PreferenceDataset(pairs[n_val:], tokenizer, data["max_length"])
+        val_set = PreferenceDataset(pairs[:n_val], tokenizer, data["max_length"]) if n_val else None
+        return tokenizer, train_set, val_set
     if config["stage"] == "sft":
         conversations = load_conversations(config)
         if not config["init_from"]:
@@ -335,6 +368,15 @@ def prepare_data(config: dict[str, Any]) -> tuple[BPETokenizer, Dataset, Dataset
     tokens = build_token_data(config, tokenizer, Path(config["out_dir"]), documents)
     train_set, val_set = split_train_val(tokens, data["max_length"], data["val_fraction"], tokenizer)
     return tokenizer, train_set, val_set
+
+
+def load_preference_pairs(config: dict[str, Any]) -> list[PreferencePair]:
+    data = config["data"]
+    if data["source"] == "builtin":
+        return builtin_preference_pairs(int(data["num_documents"]), seed=config["seed"], lang=data["lang"])
+    pairs = load_records(data["source"], kind="preference", skip_bad=data["skip_bad"]).records
+    random.Random(config["seed"]).shuffle(pairs)
+    return pairs
 
 
 def load_conversations(config: dict[str, Any]) -> list[Conversation]:
@@ -410,6 +452,8 @@ def run_training(config: dict[str, Any]) -> dict[str, Any]:
             raise RunConfigError(f"resume=latest: no checkpoint with training state in {config['out_dir']}")
         run.trainer.resume(checkpoint)
     result = run.trainer.train()
+    if hasattr(run.train_set, "num_tokens"):
+        result["train_tokens"] = int(run.train_set.num_tokens())
     result.update(out_dir=str(config["out_dir"]), parameters=run.model.num_parameters(),
-                  train_tokens=int(run.train_set.num_tokens()), total_seconds=round(time.time() - started, 1))
+                  total_seconds=round(time.time() - started, 1))
     return result

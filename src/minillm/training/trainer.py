@@ -40,12 +40,12 @@ from minillm.training.checkpoint import STATE_DIR, STEP_PREFIX, prune_checkpoint
 from minillm.training.logging import MetricsLogger
 from minillm.training.memory import MemoryConfig, MemoryMonitor
 from minillm.training.mfu import mfu_estimator, time_matmul
-from minillm.training.objectives import LanguageModelingObjective, Objective
+from minillm.training.objectives import DPOObjective, LanguageModelingObjective, Objective
 from minillm.training.plots import plot_run
 from minillm.training.schedule import warmup_cosine_schedule
 
-__all__ = ["LanguageModelingDataset", "PreTrainer", "SFTTrainer", "Trainer", "TrainingConfig", "TrainingInterrupted",
-           "resolve_precision"]
+__all__ = ["DPOTrainer", "LanguageModelingDataset", "PreTrainer", "SFTTrainer", "Trainer", "TrainingConfig",
+           "TrainingInterrupted", "resolve_precision"]
 
 logger = logging.getLogger("minillm.training")
 
@@ -307,7 +307,7 @@ class Trainer:
             loss_total += out.loss_sum.detach().float() * (scale * weight)
             for name, value in out.metrics.items():
                 metric_totals[name] = metric_totals.get(name, 0) + value.detach().float() * (scale * weight)
-            tokens += int(batch["input_ids"].numel() * weight)
+            tokens += int(_batch_tokens(batch) * weight)
         if self._offload is not None:
             self._offload.gradients_to_master()
         self.scaler.unscale_(self.optimizer)
@@ -368,7 +368,7 @@ class Trainer:
                 if stop:
                     self._save_interrupted(metrics_log, stop_signal.received or signal.SIGTERM)
                 micro_batches = [next(batches) for _ in range(cfg.grad_accum_steps)]
-                seq_len = int(micro_batches[0]["input_ids"].shape[-1])
+                seq_len = max(int(v.shape[-1]) for k, v in micro_batches[0].items() if k.endswith("input_ids"))
                 stats = self._optimizer_step(micro_batches)
                 log_now = self.step % cfg.log_every == 0 or self.step == total
                 if log_now:
@@ -471,12 +471,16 @@ class Trainer:
         if items == 0:
             raise ValueError("the validation data holds no item to score")
         loss = loss_sum / items
+        if getattr(self.objective, "name", None) != "lm":  # perplexity means something for token losses only
+            return {"val_loss": loss}
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
     def _validate(self, metrics_log: MetricsLogger) -> dict[str, float]:
         result = self.evaluate()
         metrics_log.log({"step": self.step, **result})
-        message = f"step {self.step}: val_loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.2f}"
+        message = f"step {self.step}: val_loss {result['val_loss']:.4f}"
+        if "val_ppl" in result:
+            message += f", ppl {result['val_ppl']:.2f}"
         if result["val_loss"] < self.best_val_loss - self.config.early_stopping_min_delta:
             self.evals_without_improvement = 0
         else:
@@ -685,6 +689,11 @@ class _StopSignal:
             signal.signal(signum, handler)
 
 
+def _batch_tokens(batch: dict[str, Any]) -> int:
+    """Tokens a batch feeds the model: every `*input_ids` tensor (a preference pair has two)."""
+    return sum(int(v.numel()) for k, v in batch.items() if k.endswith("input_ids") and torch.is_tensor(v))
+
+
 def _rng_state() -> dict[str, Any]:
     """This process's RNG states: torch (CPU and CUDA) as tensors, Python's and NumPy's as JSON lists."""
     numpy_rng = np.random.get_state()
@@ -760,3 +769,61 @@ class SFTTrainer(Trainer):
     def __init__(self, model: nn.Module, tokenizer: Any = None, config: TrainingConfig | None = None,
                  **kwargs: Any) -> None:
         super().__init__(model, tokenizer, LanguageModelingObjective(), config, **kwargs)
+
+
+class DPOTrainer(Trainer):
+    """`Trainer` with the DPO objective on a `PreferenceDataset` (see `DPOObjective`).
+
+    The reference is the policy as it starts: a frozen copy (`ref_model`, default a deep copy of
+    `model`), or, with `precompute_ref_logps=True`, its log-probabilities computed once over the
+    training and validation pairs before the first step, so no second model stays in memory.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, config: TrainingConfig | None = None, *,
+                 ref_model: nn.Module | None = None, beta: float = 0.1, loss_type: str = "sigmoid",
+                 label_smoothing: float = 0.0, precompute_ref_logps: bool = False, **kwargs: Any) -> None:
+        if precompute_ref_logps and ref_model is not None:
+            raise ValueError("give either ref_model or precompute_ref_logps=True, not both")
+        reference = None if precompute_ref_logps else (ref_model or copy.deepcopy(model))
+        super().__init__(model, tokenizer, DPOObjective(reference, beta, loss_type, label_smoothing), config,
+                         **kwargs)
+        if reference is not None:
+            reference.to(self.device)
+        if precompute_ref_logps:
+            for data in (self.train_loader.dataset if self.train_loader is not None else None, self.eval_data):
+                if data is not None:
+                    self._precompute_reference(data)
+
+    @torch.no_grad()
+    def _precompute_reference(self, dataset: Dataset) -> None:
+        """Store the starting policy's log-probabilities in every item of `dataset` (a PreferenceDataset)."""
+        items = getattr(dataset, "items", None)
+        if items is None:
+            raise TypeError("precompute_ref_logps needs a PreferenceDataset (its items get the reference "
+                            "log-probabilities)")
+        pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
+        collate = pad_collate(pad_id)
+        objective: DPOObjective = self.objective  # type: ignore[assignment]
+        with _eval_mode(self.base_model):
+            for start in range(0, len(items), self.config.batch_size):
+                chunk = items[start:start + self.config.batch_size]
+                batch = self._to_device(collate([{k: v for k, v in item.items() if not k.startswith("ref_")}
+                                                 for item in chunk]))
+                with self._autocast():
+                    chosen, rejected = objective.logps(self.base_model, batch)
+                for item, c, r in zip(chunk, chosen.float().cpu(), rejected.float().cpu()):
+                    item["ref_chosen_logps"], item["ref_rejected_logps"] = c, r
+
+
+class _eval_mode:
+    """Eval mode for the duration of a block; the module's own mode comes back afterwards."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module, self.was_training = module, module.training
+
+    def __enter__(self) -> nn.Module:
+        self.module.eval()
+        return self.module
+
+    def __exit__(self, *exc: Any) -> None:
+        self.module.train(self.was_training)
