@@ -69,6 +69,18 @@ def test_at_initialisation_the_loss_is_log_2_and_the_rewards_zero(tokenizer, pai
     assert smoothed.loss_sum.item() / 8 == pytest.approx(math.log(2), abs=1e-6)
 
 
+def test_rpo_adds_the_chosen_replies_mean_token_nll(tokenizer, pairs):
+    model = small_model(tokenizer).eval()
+    batch = next(iter(DPODataLoader(pairs, tokenizer, batch_size=4, max_length=128)))
+    out = DPOObjective(reference=small_model(tokenizer), rpo_alpha=0.5)(model, batch)
+    logits = model(batch["chosen_input_ids"], attention_mask=batch["chosen_attention_mask"]).logits
+    labels = batch["chosen_labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
+                                            reduction="none").sum(1) / (labels != -100).sum(1)
+    assert out.loss_sum.item() == pytest.approx(4 * math.log(2) + 0.5 * nll.sum().item(), rel=1e-5)
+    assert out.metrics["nll_loss"].item() == pytest.approx(nll.sum().item(), rel=1e-5)
+
+
 def test_one_forward_over_both_halves_equals_separate_forwards(tokenizer, pairs):
     model = small_model(tokenizer).eval()
     batch = next(iter(DPODataLoader(pairs, tokenizer, batch_size=4, max_length=128)))
@@ -104,6 +116,8 @@ def test_bad_dpo_options_are_refused():
         DPOObjective(loss_type="kto")
     with pytest.raises(ValueError, match="beta must be positive"):
         DPOObjective(beta=0)
+    with pytest.raises(ValueError, match="rpo_alpha must be >= 0"):
+        DPOObjective(rpo_alpha=-1)
 
 
 @pytest.mark.parametrize("precompute", ["false", "true"])

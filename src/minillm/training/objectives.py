@@ -107,12 +107,16 @@ class DPOObjective:
     The reference log-probabilities come from the batch when it holds `ref_chosen_logps` and
     `ref_rejected_logps` (precomputed once, so no reference model stays in memory), else from
     `reference`, a frozen model run without gradients.
+
+    `rpo_alpha` > 0 adds α × the chosen reply's mean token negative log-likelihood to each pair's loss
+    (RPO, Pang et al. 2024, as TRL's `rpo_alpha`): DPO alone may lower the chosen replies' likelihood
+    together with the rejected ones'; the NLL term holds it up.
     """
 
     name = "dpo"
 
     def __init__(self, reference: nn.Module | None = None, beta: float = 0.1, loss_type: str = "sigmoid",
-                 label_smoothing: float = 0.0) -> None:
+                 label_smoothing: float = 0.0, rpo_alpha: float = 0.0) -> None:
         if beta <= 0:
             raise ValueError(f"beta must be positive, got {beta}")
         if loss_type not in DPO_LOSS_TYPES:
@@ -122,13 +126,21 @@ class DPOObjective:
         self.reference = reference
         if reference is not None:
             reference.requires_grad_(False).eval()
-        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        if rpo_alpha < 0:
+            raise ValueError(f"rpo_alpha must be >= 0, got {rpo_alpha}")
+        self.beta, self.loss_type, self.label_smoothing, self.rpo_alpha = beta, loss_type, label_smoothing, rpo_alpha
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["chosen_input_ids"].shape[0])
 
     def logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen, rejected) log-probabilities of `model`, from one forward over both halves."""
+        chosen, rejected, _ = self._forward(model, batch, nll=False)
+        return chosen, rejected
+
+    def _forward(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                 nll: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Chosen and rejected log-probabilities and, with `nll`, the chosen replies' mean token NLL."""
         chosen, rejected = batch["chosen_input_ids"], batch["rejected_input_ids"]
         width = max(chosen.shape[1], rejected.shape[1])
 
@@ -140,7 +152,8 @@ class DPOObjective:
         mask = torch.cat([pad(batch["chosen_attention_mask"], 0), pad(batch["rejected_attention_mask"], 0)])
         logits = model(ids, attention_mask=mask).logits
         logps = sequence_logps(logits, labels, average=self.loss_type == "ipo")
-        return logps[:len(chosen)], logps[len(chosen):]
+        chosen_nll = -sequence_logps(logits[:len(chosen)], labels[:len(chosen)], average=True) if nll else None
+        return logps[:len(chosen)], logps[len(chosen):], chosen_nll
 
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if "ref_chosen_logps" in batch:
@@ -152,15 +165,20 @@ class DPOObjective:
             return self.logps(self.reference, batch)
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        policy_chosen, policy_rejected = self.logps(model, batch)
+        policy_chosen, policy_rejected, chosen_nll = self._forward(model, batch, nll=self.rpo_alpha > 0)
         ref_chosen, ref_rejected = self.reference_logps(batch)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_chosen, policy_rejected, ref_chosen.to(policy_chosen), ref_rejected.to(policy_chosen),
             self.beta, self.loss_type, self.label_smoothing)
-        metrics = {
+        loss_sum = losses.sum()
+        metrics = {}
+        if chosen_nll is not None:
+            loss_sum = loss_sum + self.rpo_alpha * chosen_nll.sum()
+            metrics["nll_loss"] = chosen_nll.detach().sum()
+        metrics |= {
             "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
             "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
             "logps/chosen": policy_chosen.detach().sum(), "logps/rejected": policy_rejected.detach().sum(),
         }
-        return ObjectiveOutput(loss_sum=losses.sum(), metrics=metrics)
+        return ObjectiveOutput(loss_sum=loss_sum, metrics=metrics)

@@ -98,7 +98,8 @@ DEFAULTS: dict[str, Any] = {
 }
 OBJECTIVE_OPTIONS = {
     "pretrain": {}, "sft": {},
-    "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "precompute_ref_logps": False},
+    "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "rpo_alpha": 0.0,
+            "precompute_ref_logps": False},
 }
 SHARED_TRAINING_KEYS = ("max_steps", "epochs", "eval_every", "save_every", "seed", "precision", "distributed")
 

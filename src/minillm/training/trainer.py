@@ -781,12 +781,13 @@ class DPOTrainer(Trainer):
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, config: TrainingConfig | None = None, *,
                  ref_model: nn.Module | None = None, beta: float = 0.1, loss_type: str = "sigmoid",
-                 label_smoothing: float = 0.0, precompute_ref_logps: bool = False, **kwargs: Any) -> None:
+                 label_smoothing: float = 0.0, rpo_alpha: float = 0.0, precompute_ref_logps: bool = False,
+                 **kwargs: Any) -> None:
         if precompute_ref_logps and ref_model is not None:
             raise ValueError("give either ref_model or precompute_ref_logps=True, not both")
         reference = None if precompute_ref_logps else (ref_model or copy.deepcopy(model))
-        super().__init__(model, tokenizer, DPOObjective(reference, beta, loss_type, label_smoothing), config,
-                         **kwargs)
+        super().__init__(model, tokenizer, DPOObjective(reference, beta, loss_type, label_smoothing, rpo_alpha),
+                         config, **kwargs)
         if reference is not None:
             reference.to(self.device)
         if precompute_ref_logps:
