@@ -36,6 +36,7 @@ class CausalLMOutput:
     loss: torch.Tensor | None = None  # mean cross-entropy over labels != -100
     aux_loss: torch.Tensor | None = None  # MoE load-balancing loss, mean over layers; None for dense models
     past_key_values: KVCache | None = None
+    hidden_states: torch.Tensor | None = None  # (B, T, C): the final norm's output (for value/reward heads)
 
 
 class MiniGPTModel(nn.Module):
@@ -54,6 +55,8 @@ class MiniGPTModel(nn.Module):
 
 
 class MiniGPT(nn.Module):
+    architecture = "MiniGPT"  # written to config.json's "architectures"
+
     def __init__(self, config: MiniGPTConfig) -> None:
         super().__init__()
         config.validate()
@@ -134,7 +137,7 @@ class MiniGPT(nn.Module):
             loss = causal_lm_loss(logits, labels)
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss,
-                              past_key_values=cache if use_cache else None)
+                              past_key_values=cache if use_cache else None, hidden_states=x)
 
     @staticmethod
     def _attention_mask(attention_mask: torch.Tensor | None, t: int, past: int,
@@ -186,15 +189,16 @@ class MiniGPT(nn.Module):
                 state.pop("lm_head.weight", None)  # safetensors refuses shared tensors; reloaded as a tie
             atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         dtype = str(next(self.parameters()).dtype).removeprefix("torch.")
-        atomic_write_json(directory / CONFIG_FILE, {"architectures": ["MiniGPT"], "model_type": MODEL_TYPE,
+        atomic_write_json(directory / CONFIG_FILE, {"architectures": [self.architecture], "model_type": MODEL_TYPE,
                                                     "torch_dtype": dtype, **self.config.to_dict()})
         generation = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id,
                       "pad_token_id": self.config.pad_token_id, **(generation_config or {})}
         atomic_write_json(directory / GENERATION_CONFIG_FILE, generation)
 
-    def load_weights(self, directory: str | Path) -> None:
+    def load_weights(self, directory: str | Path, allow_missing: tuple[str, ...] = ()) -> None:
         """Load `model.safetensors` from `directory` into this model, in place; every tensor must match
-        (a tied LM head is stored once, as the embedding)."""
+        (a tied LM head is stored once, as the embedding) but those named in `allow_missing` (a new head
+        on a pretrained body keeps its initialisation)."""
         weights_path = Path(directory) / WEIGHTS_FILE
         if not weights_path.is_file():
             raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}")
@@ -204,7 +208,8 @@ class MiniGPT(nn.Module):
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
             expected.discard("lm_head.weight")
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        missing = sorted(expected - set(state) - set(allow_missing))
+        unexpected = sorted(set(state) - expected)
         if missing or unexpected:
             raise ValueError(f"{weights_path} does not match config.json: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")

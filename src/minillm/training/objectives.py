@@ -182,3 +182,46 @@ class DPOObjective:
             "logps/chosen": policy_chosen.detach().sum(), "logps/rejected": policy_rejected.detach().sum(),
         }
         return ObjectiveOutput(loss_sum=loss_sum, metrics=metrics)
+
+
+def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0,
+                center_coefficient: float = 0.0) -> torch.Tensor:
+    """Per-pair Bradley–Terry loss −log σ(r_w − r_l − m) (m: an optional required margin, as in Llama 2),
+    plus center_coefficient · (r_w + r_l)², which keeps rewards centred on zero (Eisenstein et al. 2023)."""
+    losses = -F.logsigmoid(chosen - rejected - margin)
+    if center_coefficient:
+        losses = losses + center_coefficient * (chosen + rejected) ** 2
+    return losses
+
+
+class RewardObjective:
+    """Train a `MiniGPTRewardModel` on preference pairs: chosen and rejected go through one forward, each
+    scored at its last real token. A batch may carry a per-pair `margin`. Metrics: `accuracy` (the
+    chosen reply scores higher) and `margin` (mean r_w − r_l), plus the mean rewards."""
+
+    name = "reward"
+
+    def __init__(self, margin: float = 0.0, center_coefficient: float = 0.0) -> None:
+        if center_coefficient < 0:
+            raise ValueError(f"center_coefficient must be >= 0, got {center_coefficient}")
+        self.margin, self.center_coefficient = margin, center_coefficient
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["chosen_input_ids"].shape[0])
+
+    def rewards(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen, rejected = batch["chosen_input_ids"], batch["rejected_input_ids"]
+        width = max(chosen.shape[1], rejected.shape[1])
+        ids = torch.cat([F.pad(chosen, (0, width - chosen.shape[1])), F.pad(rejected, (0, width - rejected.shape[1]))])
+        mask = torch.cat([F.pad(batch["chosen_attention_mask"], (0, width - chosen.shape[1])),
+                          F.pad(batch["rejected_attention_mask"], (0, width - rejected.shape[1]))])
+        scores = model.rewards(ids, attention_mask=mask)
+        return scores[:len(chosen)], scores[len(chosen):]
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        chosen, rejected = self.rewards(model, batch)
+        margin = batch["margin"].to(chosen) if "margin" in batch else self.margin
+        losses = reward_loss(chosen, rejected, margin, self.center_coefficient)
+        metrics = {"accuracy": (chosen > rejected).float().sum(), "margin": (chosen - rejected).detach().sum(),
+                   "rewards/chosen": chosen.detach().sum(), "rewards/rejected": rejected.detach().sum()}
+        return ObjectiveOutput(loss_sum=losses.sum(), metrics=metrics)

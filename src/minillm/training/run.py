@@ -41,6 +41,7 @@ from minillm.data.pretrain import (
 from minillm.data.sft import ConversationDataset
 from minillm.io import atomic_write_json, atomic_write_text
 from minillm.model.config import ConfigError, MiniGPTConfig
+from minillm.model.heads import MiniGPTRewardModel
 from minillm.model.lora import LoRAConfig, apply_lora
 from minillm.model.transformer import MiniGPT, load_config
 from minillm.tokenizer import BPETokenizer
@@ -52,6 +53,7 @@ from minillm.training.memory import MemoryConfig, MemoryEstimate, estimate_memor
 from minillm.training.trainer import (
     DPOTrainer,
     PreTrainer,
+    RewardTrainer,
     SFTTrainer,
     Trainer,
     TrainingConfig,
@@ -60,7 +62,7 @@ from minillm.training.trainer import (
 
 logger = logging.getLogger("minillm.training")
 
-STAGES = ("pretrain", "sft", "dpo")
+STAGES = ("pretrain", "sft", "dpo", "reward")
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
 
 DEFAULTS: dict[str, Any] = {
@@ -100,6 +102,7 @@ OBJECTIVE_OPTIONS = {
     "pretrain": {}, "sft": {},
     "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "rpo_alpha": 0.0,
             "precompute_ref_logps": False},
+    "reward": {"margin": 0.0, "center_coefficient": 0.0},
 }
 SHARED_TRAINING_KEYS = ("max_steps", "epochs", "eval_every", "save_every", "seed", "precision", "distributed")
 
@@ -216,6 +219,12 @@ def _validate(config: dict[str, Any], source: str) -> None:
     if config["stage"] == "dpo" and not config["init_from"]:
         raise RunConfigError(f"{source}: stage dpo needs init_from (the SFT checkpoint to align; it is also "
                              "the reference model)")
+    if config["stage"] == "reward" and config["lora"] is not None:
+        raise RunConfigError(f"{source}: lora with stage reward is not supported (the new reward head must "
+                             "train in full)")
+    if config["stage"] == "reward" and not config["init_from"]:
+        raise RunConfigError(f"{source}: stage reward needs init_from (the SFT checkpoint whose body the "
+                             "reward model starts from)")
     model_fields = set(MiniGPTConfig.__dataclass_fields__) | {"preset"}
     for key in config["model"]:
         if key not in model_fields:
@@ -262,7 +271,9 @@ def cache_dir() -> Path:
 
 
 def build_model(config: dict[str, Any], tokenizer: BPETokenizer) -> MiniGPT:
-    if config["init_from"]:
+    if config["stage"] == "reward":  # the SFT model's body with a new scalar head (or a reward checkpoint)
+        model = MiniGPTRewardModel.from_base(resolve_checkpoint(config["init_from"]))
+    elif config["init_from"]:
         model = MiniGPT.from_pretrained(resolve_checkpoint(config["init_from"]))
     else:
         model = MiniGPT(run_model_config(config, tokenizer))
@@ -325,16 +336,16 @@ def prepare_run(config: dict[str, Any]) -> PreparedRun:
             dist_utils.barrier()
     model = build_model(config, tokenizer)
     _check_fits(config, model, tokenizer)
-    if config["stage"] in ("sft", "dpo"):
+    if config["stage"] in ("sft", "dpo", "reward"):
         logger.info("model: %.2fM parameters; %d training and %d validation examples",
                     model.num_parameters() / 1e6, len(train_set), len(val_set) if val_set else 0)
     else:
         logger.info("model: %.2fM parameters; data: %d training tokens, %d validation tokens",
                     model.num_parameters() / 1e6, train_set.num_tokens(), val_set.num_tokens() if val_set else 0)
     options = {"memory": MemoryConfig(**config["memory"])}
-    if config["stage"] == "dpo":
-        trainer_class: type[Trainer] = DPOTrainer
-        options.update({**OBJECTIVE_OPTIONS["dpo"], **config["objective"]})
+    if config["stage"] in ("dpo", "reward"):
+        trainer_class: type[Trainer] = DPOTrainer if config["stage"] == "dpo" else RewardTrainer
+        options.update({**OBJECTIVE_OPTIONS[config["stage"]], **config["objective"]})
     else:
         trainer_class = SFTTrainer if config["stage"] == "sft" else PreTrainer
     trainer = trainer_class(model, tokenizer, training_config(config), train_data=train_set, eval_data=val_set,
@@ -346,7 +357,7 @@ def prepare_data(config: dict[str, Any]) -> tuple[BPETokenizer, Dataset, Dataset
     """The run's tokenizer and its training and validation sets (token windows for pretraining,
     conversations for SFT)."""
     data = config["data"]
-    if config["stage"] == "dpo":
+    if config["stage"] in ("dpo", "reward"):
         pairs = load_preference_pairs(config)
         tokenizer = build_tokenizer(config, None)
         n_val = int(len(pairs) * data["val_fraction"])

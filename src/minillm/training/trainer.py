@@ -40,11 +40,11 @@ from minillm.training.checkpoint import STATE_DIR, STEP_PREFIX, prune_checkpoint
 from minillm.training.logging import MetricsLogger
 from minillm.training.memory import MemoryConfig, MemoryMonitor
 from minillm.training.mfu import mfu_estimator, time_matmul
-from minillm.training.objectives import DPOObjective, LanguageModelingObjective, Objective
+from minillm.training.objectives import DPOObjective, LanguageModelingObjective, Objective, RewardObjective
 from minillm.training.plots import plot_run
 from minillm.training.schedule import warmup_cosine_schedule
 
-__all__ = ["DPOTrainer", "LanguageModelingDataset", "PreTrainer", "SFTTrainer", "Trainer", "TrainingConfig",
+__all__ = ["DPOTrainer", "LanguageModelingDataset", "PreTrainer", "RewardTrainer", "SFTTrainer", "Trainer", "TrainingConfig",
            "TrainingInterrupted", "resolve_precision"]
 
 logger = logging.getLogger("minillm.training")
@@ -814,6 +814,22 @@ class DPOTrainer(Trainer):
                     chosen, rejected = objective.logps(self.base_model, batch)
                 for item, c, r in zip(chunk, chosen.float().cpu(), rejected.float().cpu()):
                     item["ref_chosen_logps"], item["ref_rejected_logps"] = c, r
+
+
+class RewardTrainer(Trainer):
+    """`Trainer` with the Bradley–Terry objective (`RewardObjective`) on a `PreferenceDataset`; the model is
+    a `minillm.model.heads.MiniGPTRewardModel`."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, config: TrainingConfig | None = None, *,
+                 margin: float = 0.0, center_coefficient: float = 0.0, **kwargs: Any) -> None:
+        if not hasattr(model, "rewards"):
+            raise TypeError("RewardTrainer needs a reward model (minillm.model.heads.MiniGPTRewardModel, e.g. "
+                            "MiniGPTRewardModel.from_base(sft_checkpoint))")
+        distributed = kwargs.get("distributed", config.distributed if config is not None else "none")
+        if distributed not in ("none", None):
+            raise ValueError("reward model training under torchrun (distributed=ddp|fsdp) is not supported yet: "
+                             "the reward head runs outside the wrapped forward; train it in one process")
+        super().__init__(model, tokenizer, RewardObjective(margin, center_coefficient), config, **kwargs)
 
 
 class _eval_mode:
