@@ -1,15 +1,23 @@
 """Training: one `Trainer`, an objective per stage, checkpoints, schedules and logging."""
 
 from minillm.training.memory import MemoryConfig, MemoryMonitor
-from minillm.training.objectives import LanguageModelingObjective, Objective, ObjectiveOutput
+from minillm.training.objectives import (
+    DPOObjective,
+    LanguageModelingObjective,
+    Objective,
+    ObjectiveOutput,
+    RewardObjective,
+)
 from minillm.training.trainer import (
-           DPOTrainer,
-           PreTrainer,
-           SFTTrainer,
-           Trainer,
-           TrainingConfig,
-           resolve_precision,
+    DPOTrainer,
+    PreTrainer,
+    RewardTrainer,
+    SFTTrainer,
+    Trainer,
+    TrainingConfig,
+    resolve_precision,
 )
 
-__all__ = ["DPOTrainer", "MemoryConfig", "MemoryMonitor", "SFTTrainer", "LanguageModelingObjective", "Objective", "ObjectiveOutput", "PreTrainer", "Trainer",
+__all__ = ["DPOObjective", "DPOTrainer", "LanguageModelingObjective", "MemoryConfig", "MemoryMonitor", "Objective",
+           "ObjectiveOutput", "PreTrainer", "RewardObjective", "RewardTrainer", "SFTTrainer", "Trainer",
            "TrainingConfig", "resolve_precision"]
