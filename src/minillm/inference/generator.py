@@ -14,7 +14,6 @@ not to be one, so the chunks always join to exactly the non-streamed text.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from minillm.model.layers import KVCache
+from minillm.model.transformer import eval_mode
 
 logger = logging.getLogger("minillm.inference")
 
@@ -194,17 +194,6 @@ class _StopStringFilter:
         return out
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Dropout off while generating; the caller's train/eval mode comes back afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 class TextGenerator:
     """Generates with a `MiniGPT` (or any model with its forward); text in and out with a tokenizer."""
 
@@ -371,11 +360,7 @@ class TextGenerator:
         total, pad = prompt_len + max_new, self._pad_id()
         tokens = input_ids.new_full((batch, total), pad)  # (B, total), filled column by column
         tokens[:, :prompt_len] = input_ids
-        # Without padding the model's causal kernel needs no mask (and no per-step check of one).
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            grown = torch.ones(batch, max_new, dtype=torch.long, device=self.device)
-            mask = torch.cat([attention_mask.long(), grown], dim=1)
+        mask = _generation_mask(attention_mask, max_new)
         # The last token is never fed back, so the cache holds at most total - 1 positions.
         cache = KVCache(self.model.config.num_hidden_layers, total - 1) if config.use_cache else None
         seen = None
@@ -392,7 +377,7 @@ class TextGenerator:
         stop_ids = torch.tensor(self._stop_ids(config), dtype=torch.long, device=self.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
 
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             for pos in range(prompt_len, total):
                 logits = self._next_logits(tokens, mask, pos, cache)
                 next_tokens = self._pick(self._process_logits(logits, seen, config, counts), config, generator)
@@ -441,15 +426,14 @@ class TextGenerator:
         finished_lengths = torch.zeros(batch, beams, dtype=torch.long, device=device)
         is_done = torch.zeros(batch, beams, dtype=torch.bool, device=device)
         improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            grown = torch.ones(batch, max_new, dtype=torch.long, device=device)
-            mask = torch.cat([attention_mask.long(), grown], dim=1).repeat_interleave(beams, dim=0)
+        mask = _generation_mask(attention_mask, max_new)
+        if mask is not None:
+            mask = mask.repeat_interleave(beams, dim=0)
         cache = KVCache(self.model.config.num_hidden_layers, total - 1)
         vocab = self.model.config.vocab_size
         rows = torch.arange(batch, device=device)[:, None]
 
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             for pos in range(prompt_len, total):
                 flat = running.view(batch * beams, total)
                 logits = self._next_logits(flat, mask, pos, cache)  # (B·beams, V)
@@ -567,6 +551,15 @@ class TextGenerator:
             if candidate is not None:
                 return candidate
         return 0
+
+
+def _generation_mask(attention_mask: torch.Tensor | None, max_new: int) -> torch.Tensor | None:
+    """The prompt's mask extended by `max_new` generated columns, or None without padding: then the
+    model's causal kernel needs no mask (and no per-step check of one)."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    grown = attention_mask.new_ones(attention_mask.shape[0], max_new, dtype=torch.long)
+    return torch.cat([attention_mask.long(), grown], dim=1)
 
 
 def _with_overrides(config: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:

@@ -7,8 +7,10 @@ model directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,6 +248,17 @@ class MiniGPT(nn.Module):
         if dtype is not None:
             model = model.to(dtype)
         return model.to(device) if device is not None else model
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode (no dropout) for a block; the module's own train/eval mode comes back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def load_config(directory: str | Path) -> MiniGPTConfig:

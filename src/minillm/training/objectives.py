@@ -62,6 +62,18 @@ class LanguageModelingObjective:
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
+def stack_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of preference pairs as one batch of sequences, the chosen rows first, then the rejected
+    ones, right-padded to one width: (input_ids, labels, attention_mask), so one forward scores both."""
+    width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+
+    def both(key: str, fill: int) -> torch.Tensor:
+        halves = [batch[f"{side}_{key}"] for side in ("chosen", "rejected")]
+        return torch.cat([F.pad(t, (0, width - t.shape[1]), value=fill) for t in halves])
+
+    return both("input_ids", 0), both("labels", -100), both("attention_mask", 0)
+
+
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
     """Per sequence, the summed (or, with `average`, mean) log-probability of the labelled tokens:
     position t's logits score labels[t + 1]; -100 labels are skipped. Computed in fp32."""
@@ -141,19 +153,12 @@ class DPOObjective:
     def _forward(self, model: nn.Module, batch: dict[str, torch.Tensor],
                  nll: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Chosen and rejected log-probabilities and, with `nll`, the chosen replies' mean token NLL."""
-        chosen, rejected = batch["chosen_input_ids"], batch["rejected_input_ids"]
-        width = max(chosen.shape[1], rejected.shape[1])
-
-        def pad(t: torch.Tensor, value: int) -> torch.Tensor:
-            return F.pad(t, (0, width - t.shape[1]), value=value)
-
-        ids = torch.cat([pad(chosen, 0), pad(rejected, 0)])
-        labels = torch.cat([pad(batch["chosen_labels"], -100), pad(batch["rejected_labels"], -100)])
-        mask = torch.cat([pad(batch["chosen_attention_mask"], 0), pad(batch["rejected_attention_mask"], 0)])
+        ids, labels, mask = stack_pairs(batch)
+        n = self.count(batch)
         logits = model(ids, attention_mask=mask).logits
         logps = sequence_logps(logits, labels, average=self.loss_type == "ipo")
-        chosen_nll = -sequence_logps(logits[:len(chosen)], labels[:len(chosen)], average=True) if nll else None
-        return logps[:len(chosen)], logps[len(chosen):], chosen_nll
+        chosen_nll = -sequence_logps(logits[:n], labels[:n], average=True) if nll else None
+        return logps[:n], logps[n:], chosen_nll
 
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if "ref_chosen_logps" in batch:
@@ -210,13 +215,10 @@ class RewardObjective:
         return int(batch["chosen_input_ids"].shape[0])
 
     def rewards(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        chosen, rejected = batch["chosen_input_ids"], batch["rejected_input_ids"]
-        width = max(chosen.shape[1], rejected.shape[1])
-        ids = torch.cat([F.pad(chosen, (0, width - chosen.shape[1])), F.pad(rejected, (0, width - rejected.shape[1]))])
-        mask = torch.cat([F.pad(batch["chosen_attention_mask"], (0, width - chosen.shape[1])),
-                          F.pad(batch["rejected_attention_mask"], (0, width - rejected.shape[1]))])
+        ids, _, mask = stack_pairs(batch)
         scores = model.rewards(ids, attention_mask=mask)
-        return scores[:len(chosen)], scores[len(chosen):]
+        n = self.count(batch)
+        return scores[:n], scores[n:]
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         chosen, rejected = self.rewards(model, batch)

@@ -355,24 +355,18 @@ def prepare_run(config: dict[str, Any]) -> PreparedRun:
 
 def prepare_data(config: dict[str, Any]) -> tuple[BPETokenizer, Dataset, Dataset | None]:
     """The run's tokenizer and its training and validation sets (token windows for pretraining,
-    conversations for SFT)."""
+    conversations for SFT, preference pairs for DPO and reward models)."""
     data = config["data"]
     if config["stage"] in ("dpo", "reward"):
         pairs = load_preference_pairs(config)
         tokenizer = build_tokenizer(config, None)
-        n_val = int(len(pairs) * data["val_fraction"])
-        train_set = PreferenceDataset(pairs[n_val:], tokenizer, data["max_length"])
-        val_set = PreferenceDataset(pairs[:n_val], tokenizer, data["max_length"]) if n_val else None
-        return tokenizer, train_set, val_set
+        return (tokenizer, *_split_examples(pairs, PreferenceDataset, tokenizer, data))
     if config["stage"] == "sft":
         conversations = load_conversations(config)
         if not config["init_from"]:
             logger.warning("stage sft without init_from: fine-tuning a randomly initialised model")
         tokenizer = build_tokenizer(config, [m.content for c in conversations for m in c.messages])
-        n_val = int(len(conversations) * data["val_fraction"])
-        train_set = ConversationDataset(conversations[n_val:], tokenizer, data["max_length"])
-        val_set = ConversationDataset(conversations[:n_val], tokenizer, data["max_length"]) if n_val else None
-        return tokenizer, train_set, val_set
+        return (tokenizer, *_split_examples(conversations, ConversationDataset, tokenizer, data))
     documents = None
     if data["source"] == "builtin":
         documents = builtin_corpus(int(data["num_documents"]), seed=config["seed"], lang=data["lang"])
@@ -380,6 +374,14 @@ def prepare_data(config: dict[str, Any]) -> tuple[BPETokenizer, Dataset, Dataset
     tokens = build_token_data(config, tokenizer, Path(config["out_dir"]), documents)
     train_set, val_set = split_train_val(tokens, data["max_length"], data["val_fraction"], tokenizer)
     return tokenizer, train_set, val_set
+
+
+def _split_examples(examples: list[Any], dataset: type, tokenizer: BPETokenizer,
+                    data: dict[str, Any]) -> tuple[Dataset, Dataset | None]:
+    """Training and validation datasets: the first `val_fraction` of the (shuffled) examples validate."""
+    n_val = int(len(examples) * data["val_fraction"])
+    val = dataset(examples[:n_val], tokenizer, data["max_length"]) if n_val else None
+    return dataset(examples[n_val:], tokenizer, data["max_length"]), val
 
 
 def load_preference_pairs(config: dict[str, Any]) -> list[PreferencePair]:

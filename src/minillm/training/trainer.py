@@ -34,7 +34,7 @@ from minillm.data.loader import BatchLoader, pad_collate
 from minillm.data.pretrain import LanguageModelingDataset, PretrainDataLoader
 from minillm.io import atomic_write_json
 from minillm.model.lora import ADAPTER_WEIGHTS_FILE, load_lora_state_dict, merge_lora, save_lora
-from minillm.model.transformer import WEIGHTS_FILE
+from minillm.model.transformer import WEIGHTS_FILE, eval_mode
 from minillm.training import distributed as dist_utils
 from minillm.training.checkpoint import STATE_DIR, STEP_PREFIX, prune_checkpoints, save_checkpoint
 from minillm.training.logging import MetricsLogger
@@ -448,10 +448,8 @@ class Trainer:
         if loader is None:
             raise ValueError("no validation data given")
         max_batches = self.config.eval_batches if max_batches is None else max_batches
-        was_training = self.model.training
-        self.model.eval()
         loss_sum, items = 0.0, 0
-        try:
+        with eval_mode(self.model):
             for i, batch in enumerate(loader):
                 if max_batches and i >= max_batches:
                     break
@@ -462,8 +460,6 @@ class Trainer:
                 if not padding:
                     loss_sum += loss
                     items += self.objective.count(batch)
-        finally:
-            self.model.train(was_training)
         if self.world_size > 1:
             totals = dist_utils.all_reduce_sum(torch.tensor([loss_sum, float(items)], dtype=torch.float64,
                                                             device=self.device))
@@ -805,7 +801,7 @@ class DPOTrainer(Trainer):
         pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
         collate = pad_collate(pad_id)
         objective: DPOObjective = self.objective  # type: ignore[assignment]
-        with _eval_mode(self.base_model):
+        with eval_mode(self.base_model):
             for start in range(0, len(items), self.config.batch_size):
                 chunk = items[start:start + self.config.batch_size]
                 batch = self._to_device(collate([{k: v for k, v in item.items() if not k.startswith("ref_")}
@@ -831,16 +827,3 @@ class RewardTrainer(Trainer):
                              "the reward head runs outside the wrapped forward; train it in one process")
         super().__init__(model, tokenizer, RewardObjective(margin, center_coefficient), config, **kwargs)
 
-
-class _eval_mode:
-    """Eval mode for the duration of a block; the module's own mode comes back afterwards."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module, self.was_training = module, module.training
-
-    def __enter__(self) -> nn.Module:
-        self.module.eval()
-        return self.module
-
-    def __exit__(self, *exc: Any) -> None:
-        self.module.train(self.was_training)
