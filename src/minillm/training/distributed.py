@@ -142,10 +142,6 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     """Whether `flag` is true on any rank (so every rank takes the same branch: stop, save, …)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
