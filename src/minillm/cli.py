@@ -184,8 +184,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from minillm.rl.pipeline import is_pipeline_config
     from minillm.training.run import load_run_config, run_training
     from minillm.training.trainer import TrainingInterrupted
+
+    if is_pipeline_config(args.config):
+        return _train_pipeline(args)
 
     flags = {"model": {"preset": args.preset} if args.preset else {},
              "data": {k: v for k, v in (("source", args.data), ("max_length", args.max_length)) if v is not None},
@@ -217,6 +221,28 @@ def _train(args: argparse.Namespace) -> int:
         distributed.cleanup()
     if main_process:
         print(json.dumps(result, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _train_pipeline(args: argparse.Namespace) -> int:
+    """`minillm train --config rlhf_tiny`: SFT → reward model → PPO (minillm.rl.pipeline)."""
+    from minillm.rl.pipeline import RLHFPipeline
+    from minillm.training.trainer import TrainingInterrupted
+
+    unsupported = [f"--{name.replace('_', '-')}" for name in (
+        "preset", "data", "tokenizer", "max_length", "batch_size", "lr", "epochs", "max_steps", "resume",
+        "distributed") if getattr(args, name, None) is not None] + (["--dry-run"] if args.dry_run else [])
+    if unsupported:
+        raise SystemExit(f"minillm train: {', '.join(unsupported)} cannot apply to a pipeline config (stage: rlhf); "
+                         "give per-stage overrides like ppo.max_steps=50 (it resumes by itself when run again)")
+    overrides = list(args.overrides) + [f"{k}={getattr(args, k)}" for k in ("out_dir", "seed", "precision")
+                                        if getattr(args, k) is not None]
+    try:
+        results = RLHFPipeline.from_config(args.config, overrides).run()
+    except TrainingInterrupted as e:
+        print(f"minillm train: stopped by {e}; run the same command again to continue", file=sys.stderr)
+        return 130
+    print(json.dumps(results, indent=2, ensure_ascii=False))
     return 0
 
 

@@ -4,7 +4,9 @@ The internal forms (used by every later stage):
 - `Conversation`: a list of `Message(role, content)` with roles "system", "user", "assistant";
 - `PreferencePair`: a shared `prompt` conversation (ending with a user turn) and the `chosen` and
   `rejected` assistant replies;
-- `LabelledSequence`: whitespace-separated word tokens and an integer label.
+- `LabelledSequence`: whitespace-separated word tokens and an integer label;
+- `PromptRecord`: a prompt conversation (ending with a user turn) for RL, with the record's other
+  fields (e.g. the `answer` a reward function checks) kept in `columns`.
 
 Reading: `load_records` / `iter_records` take a JSONL file, a JSON array file (detected by content, not
 by suffix) or a directory of them, detect the schema of every record (`SCHEMAS`, `detect_schema`),
@@ -27,7 +29,7 @@ from typing import Any
 logger = logging.getLogger("minillm.data")
 
 ROLES = ("system", "user", "assistant")
-KINDS = ("conversation", "preference", "labelled", "text")
+KINDS = ("conversation", "preference", "labelled", "prompt", "text")
 ROLE_ALIASES = {"system": "system", "user": "user", "human": "user",
                 "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
 RECORD_SUFFIXES = (".jsonl", ".json")
@@ -75,6 +77,12 @@ class LabelledSequence:
 
 # ---------------------------------------------------------------------------------- field helpers
 # Converters raise `DataError(reason)` without a location; the loader prefixes `file:line`.
+@dataclass(frozen=True)
+class PromptRecord:
+    prompt: tuple[Message, ...]
+    columns: dict[str, Any] = field(default_factory=dict)  # the record's other fields, for reward functions
+
+
 def _type(value: Any) -> str:
     return type(value).__name__
 
@@ -225,6 +233,13 @@ def _from_sharegpt_pref(obj: dict) -> PreferencePair:
     return _pair(prompt, _reply(obj["chosen"], prompt, "chosen"), _reply(obj["rejected"], prompt, "rejected"))
 
 
+def _from_prompt(obj: dict) -> PromptRecord:
+    prompt = _with_system(obj, _turns(obj, "prompt", "user"))
+    if prompt[-1].role != "user":
+        raise DataError("field 'prompt' must end with a user turn (the reply is what RL samples)")
+    return PromptRecord(tuple(prompt), {k: v for k, v in obj.items() if k not in ("prompt", "system")})
+
+
 def _label(value: Any) -> int:
     if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
         value = int(value)
@@ -286,6 +301,7 @@ SCHEMAS: tuple[Schema, ...] = (
     Schema("qa", "conversation", '{"question", "answer"}', _has("question", "answer"), _from_qa),
     Schema("prompt_completion", "conversation", '{"prompt", "completion"}', _has("prompt", "completion"),
            _from_prompt_completion),
+    Schema("prompt", "prompt", '{"prompt": text or [messages], …other fields}', _has("prompt"), _from_prompt),
     Schema("labelled", "labelled", '{"tokens", "label"}', _has("tokens", "label"), _from_labelled),
     Schema("text", "text", '{"text"}', _has("text"), _from_text),
 )
@@ -327,6 +343,11 @@ def to_conversation(obj: Any) -> Conversation:
 def to_preference(obj: Any) -> PreferencePair:
     """Any preference schema → `PreferencePair` (raises `DataError`)."""
     return _convert(obj, "preference")
+
+
+def to_prompt(obj: Any) -> PromptRecord:
+    """An RL prompt record `{"prompt": text or [messages], …}` → `PromptRecord` (raises `DataError`)."""
+    return _convert(obj, "prompt")
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -460,7 +481,7 @@ def iter_records(path: str | Path, kind: str | None = None, skip_bad: bool = Fal
 def load_records(path: str | Path, kind: str | None = None, skip_bad: bool = False) -> LoadResult:
     """Read every record of a file or directory into its internal form.
 
-    `kind` is "conversation", "preference", "labelled", "text" or None (from the first valid record);
+    `kind` is "conversation", "preference", "labelled", "prompt", "text" or None (from the first valid record);
     every record must be of that kind, though schemas of one kind may mix. A bad record raises
     `DataError("{file}:{line}: {reason}")`, or with `skip_bad` is skipped and listed in `skipped`;
     if every record is bad, `DataError` is raised regardless."""

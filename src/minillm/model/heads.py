@@ -1,4 +1,5 @@
-"""Scalar heads on the transformer: a reward model (one score per sequence) for preference learning.
+"""Scalar heads on the transformer: a reward model (one score per sequence) for preference learning,
+and a value head (one value per position) for PPO.
 
 `MiniGPTRewardModel` is a `MiniGPT` plus `score`, a linear map from the final hidden state to one
 number. A sequence's reward is the score at its last real token (right padding is skipped), which has
@@ -13,12 +14,16 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from minillm.io import atomic_write
 from minillm.model.config import MiniGPTConfig
 from minillm.model.transformer import CONFIG_FILE, MiniGPT, load_config
 
-__all__ = ["MiniGPTRewardModel", "is_reward_checkpoint"]
+__all__ = ["VALUE_HEAD_FILE", "MiniGPTRewardModel", "MiniGPTWithValueHead", "is_reward_checkpoint"]
+
+VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 class MiniGPTRewardModel(MiniGPT):
@@ -57,3 +62,50 @@ def is_reward_checkpoint(directory: str | Path) -> bool:
     if not path.is_file():
         return False
     return MiniGPTRewardModel.architecture in json.loads(path.read_text(encoding="utf-8")).get("architectures", [])
+
+
+class MiniGPTWithValueHead(MiniGPT):
+    """A policy for PPO: the language model plus `v_head`, a linear map from each position's final hidden
+    state to the value of the reply so far (one forward gives logits and values; no second model).
+
+    The head starts at zero, so the first value-loss gradients do not reach the shared body. It is
+    saved apart, in `value_head.safetensors`: `model.safetensors` and `config.json` are a plain `MiniGPT`
+    checkpoint, so a PPO checkpoint loads, chats and exports like any other.
+    """
+
+    def __init__(self, config: MiniGPTConfig) -> None:
+        super().__init__(config)
+        self.v_head = nn.Linear(config.hidden_size, 1)
+        nn.init.zeros_(self.v_head.weight)
+        nn.init.zeros_(self.v_head.bias)
+
+    def value(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, T) values (fp32 at least) from the forward's `hidden_states`."""
+        values = self.v_head(hidden_states).squeeze(-1)
+        return values.to(torch.promote_types(values.dtype, torch.float32))
+
+    def _weights_to_save(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("v_head.")}
+
+    def save_pretrained(self, directory: str | Path, generation_config: dict | None = None,
+                        weights: bool = True) -> None:
+        super().save_pretrained(directory, generation_config, weights)
+        if weights:
+            head = {k: v.detach().contiguous().cpu() for k, v in self.v_head.state_dict().items()}
+            atomic_write(Path(directory) / VALUE_HEAD_FILE, lambda tmp: save_file(head, tmp))
+
+    def load_weights(self, directory: str | Path, allow_missing: tuple[str, ...] = ()) -> None:
+        """The policy from `model.safetensors` and, when the directory has one, the value head from
+        `value_head.safetensors` (else the head keeps its zero initialisation)."""
+        super().load_weights(directory, allow_missing=(*allow_missing, "v_head.weight", "v_head.bias"))
+        head_path = Path(directory) / VALUE_HEAD_FILE
+        if head_path.is_file():
+            self.v_head.load_state_dict(load_file(str(head_path), device=str(self.v_head.weight.device)))
+
+    @classmethod
+    def from_policy(cls, directory: str | Path, device: str | torch.device | None = None) -> MiniGPTWithValueHead:
+        """The language model in `directory` (e.g. SFT's `final/`) with its value head if it has one."""
+        model = cls(load_config(directory))
+        model.load_weights(directory)
+        model.name_or_path = str(Path(directory).resolve())
+        return model.to(device) if device is not None else model

@@ -186,7 +186,7 @@ class MiniGPT(nn.Module):
             if getattr(self, "lora_config", None) is not None:
                 raise ValueError("this model carries LoRA adapters: save them with minillm.model.lora.save_lora, "
                                  "or merge_lora() it first to save a plain model")
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            state = {k: v.detach().contiguous().cpu() for k, v in self._weights_to_save().items()}
             if self.config.tie_word_embeddings:
                 state.pop("lm_head.weight", None)  # safetensors refuses shared tensors; reloaded as a tie
             atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
@@ -196,6 +196,10 @@ class MiniGPT(nn.Module):
         generation = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id,
                       "pad_token_id": self.config.pad_token_id, **(generation_config or {})}
         atomic_write_json(directory / GENERATION_CONFIG_FILE, generation)
+
+    def _weights_to_save(self) -> dict[str, torch.Tensor]:
+        """The tensors `save_pretrained` writes to model.safetensors (a subclass may keep some apart)."""
+        return self.state_dict()
 
     def load_weights(self, directory: str | Path, allow_missing: tuple[str, ...] = ()) -> None:
         """Load `model.safetensors` from `directory` into this model, in place; every tensor must match

@@ -74,14 +74,21 @@ def stack_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return both("input_ids", 0), both("labels", -100), both("attention_mask", 0)
 
 
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, the log-probability of the labelled tokens, (B, T − 1) in fp32, and the mask of the
+    labelled positions: position t's logits score labels[t + 1]; -100 labels score 0 and are masked."""
+    labels = labels[:, 1:]
+    mask = labels != -100
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, fp64 kept
+    logps = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return logps * mask, mask
+
+
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
     """Per sequence, the summed (or, with `average`, mean) log-probability of the labelled tokens:
     position t's logits score labels[t + 1]; -100 labels are skipped. Computed in fp32."""
-    logits = logits[:, :-1].float()
-    labels = labels[:, 1:]
-    mask = labels != -100
-    token_logps = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    total = (token_logps * mask).sum(-1)
+    logps, mask = token_logps(logits, labels)
+    total = logps.sum(-1)
     return total / mask.sum(-1).clamp(min=1) if average else total
 
 
@@ -227,3 +234,162 @@ class RewardObjective:
         metrics = {"accuracy": (chosen > rejected).float().sum(), "margin": (chosen - rejected).detach().sum(),
                    "rewards/chosen": chosen.detach().sum(), "rewards/rejected": rejected.detach().sum()}
         return ObjectiveOutput(loss_sum=losses.sum(), metrics=metrics)
+
+
+# ---------------------------------------------------------------------------------------- reinforcement learning
+# RL batches come from `minillm.rl` rollouts: prompt + sampled reply as one right-padded row, `labels`
+# -100 everywhere but the reply, and per-token tensors on the (B, T − 1) grid of `token_logps` (position
+# t scores token t + 1): `old_logps` (the policy that sampled), `advantages`, and for PPO `returns` and
+# `old_values`, for GRPO `ref_logps`. Losses are summed over reply tokens; the trainer divides by the
+# reply tokens of the whole optimizer step (token-level normalisation).
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(π ‖ π_ref) from samples of π (Schulman, "Approximating KL divergence"),
+    with log r = log π_ref − log π: k1 = −log r (unbiased, can be negative), k2 = ½ (log r)²,
+    k3 = r − 1 − log r (unbiased and never negative; GRPO's)."""
+    log_ratio = ref_logps - logps
+    if kind == "k1":
+        return -log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio ** 2
+    if kind == "k3":
+        return torch.exp(log_ratio) - 1 - log_ratio
+    raise ValueError(f"kl estimator {kind!r} is not supported; allowed: {', '.join(KL_ESTIMATORS)}")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x − mean) / std over the masked entries (unbiased variance, as TRL); `shift_mean=False` keeps
+    the mean (PPO's advantage whitening subtracts it, reward whitening may not)."""
+    mean = masked_mean(x, mask)
+    n = mask.sum().clamp(min=2)
+    var = (((x - mean) * mask) ** 2).sum() / (n - 1)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (whitened if shift_mean else whitened + mean) * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over each row's masked positions:
+    δ_t = r_t + γ·V_{t+1} − V_t and A_t = δ_t + γλ·A_{t+1}, with V = 0 after the reply's last token.
+    Returns (advantages, returns = advantages + values), zero outside the mask."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(values)
+    last = torch.zeros_like(values[:, 0])
+    length = values.shape[1]
+    for t in reversed(range(length)):
+        next_value = values[:, t + 1] if t + 1 < length else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                        clip_low: float = 0.2, clip_high: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate per token: max(−A·ρ, −A·clip(ρ, 1 − ε_low, 1 + ε_high)) with
+    ρ = π/π_old, and where the clipped term was the larger (the token's gradient is cut)."""
+    ratio = torch.exp(logps - old_logps)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + (clip_low if clip_high is None else clip_high))
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped value loss per token: ½·max((V − R)², (V_old + clip(V − V_old, ±ε) − R)²), and
+    where the clipped term was the larger."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    unclipped, clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
+    # old + (V − old) may differ from V by a rounding step: only a real clip counts
+    was_clipped = (clipped > unclipped) & ((values - old_values).abs() > clip)
+    return 0.5 * torch.maximum(unclipped, clipped), was_clipped
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy of the next-token distribution, (B, T − 1), without gradient."""
+    with torch.no_grad():
+        logp = logits[:, :-1].float().log_softmax(-1)
+        return -(logp.exp() * logp).sum(-1)
+
+
+def _reply_count(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+class PPOObjective:
+    """PPO's loss on a rollout minibatch: the clipped policy surrogate plus `vf_coef` × the clipped
+    value loss, per reply token. The model is a `minillm.model.heads.MiniGPTWithValueHead`: one forward
+    gives the logits and, from the same hidden states, the values. Metrics (token means):
+    `policy_loss`, `value_loss`, `clipfrac`, `value_clipfrac`, `approx_kl` (½(log ρ)², as TRL),
+    `entropy`, `ratio`."""
+
+    name = "ppo"
+
+    def __init__(self, clip_range: float = 0.2, clip_range_value: float = 0.2, vf_coef: float = 0.1) -> None:
+        if clip_range <= 0 or clip_range_value <= 0:
+            raise ValueError("clip_range and clip_range_value must be positive")
+        if vf_coef < 0:
+            raise ValueError(f"vf_coef must be >= 0, got {vf_coef}")
+        self.clip_range, self.clip_range_value, self.vf_coef = clip_range, clip_range_value, vf_coef
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return _reply_count(batch)
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        logps, mask = token_logps(out.logits, batch["labels"])
+        values = getattr(model, "module", model).value(out.hidden_states)[:, :-1]
+        pg, pg_clipped = clipped_policy_loss(logps, batch["old_logps"], batch["advantages"], self.clip_range)
+        vf, vf_clipped = clipped_value_loss(values, batch["old_values"], batch["returns"], self.clip_range_value)
+        m = mask.float()
+        loss_sum = ((pg + self.vf_coef * vf) * m).sum()
+        log_ratio = (logps - batch["old_logps"]).detach()
+        metrics = {"policy_loss": (pg.detach() * m).sum(), "value_loss": (vf.detach() * m).sum(),
+                   "clipfrac": (pg_clipped.float() * m).sum(), "value_clipfrac": (vf_clipped.float() * m).sum(),
+                   "approx_kl": (0.5 * log_ratio ** 2 * m).sum(), "entropy": (_entropy(out.logits) * m).sum(),
+                   "ratio": (log_ratio.exp() * m).sum()}
+        return ObjectiveOutput(loss_sum=loss_sum, metrics=metrics)
+
+
+class GRPOObjective:
+    """GRPO's loss (Shao et al. 2024) on a rollout minibatch: the clipped surrogate with the group-
+    normalised advantage of each reply on all its tokens, plus β × the k3 estimate of KL to the
+    reference (`ref_logps` in the batch; none when β = 0), summed per reply token — so the trainer's
+    division by the step's reply tokens gives the token-level normalisation of DAPO / TRL's
+    `loss_type="dapo"` (a long reply is not down-weighted per token). `clip_high` > `clip_low`
+    is DAPO's clip-higher. Metrics (token means): `policy_loss`, `kl`, `clipfrac`, `entropy`, `ratio`."""
+
+    name = "grpo"
+
+    def __init__(self, beta: float = 0.04, clip_low: float = 0.2, clip_high: float | None = None) -> None:
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        if clip_low <= 0 or (clip_high is not None and clip_high <= 0):
+            raise ValueError("clip_low and clip_high must be positive")
+        self.beta, self.clip_low, self.clip_high = beta, clip_low, clip_high
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return _reply_count(batch)
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        logps, mask = token_logps(out.logits, batch["labels"])
+        pg, clipped = clipped_policy_loss(logps, batch["old_logps"], batch["advantages"], self.clip_low,
+                                          self.clip_high)
+        m = mask.float()
+        per_token = pg
+        metrics = {"policy_loss": (pg.detach() * m).sum(), "clipfrac": (clipped.float() * m).sum(),
+                   "entropy": (_entropy(out.logits) * m).sum(),
+                   "ratio": ((logps - batch["old_logps"]).detach().exp() * m).sum()}
+        if self.beta > 0:
+            kl = kl_estimate(logps, batch["ref_logps"], "k3")
+            per_token = per_token + self.beta * kl
+            metrics["kl"] = (kl.detach() * m).sum()
+        return ObjectiveOutput(loss_sum=(per_token * m).sum(), metrics=metrics)

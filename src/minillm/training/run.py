@@ -28,8 +28,14 @@ import torch
 import yaml
 from torch.utils.data import Dataset
 
-from minillm.data.builtin import Identity, builtin_corpus, builtin_preference_pairs, builtin_sft_conversations
-from minillm.data.formats import Conversation, PreferencePair, load_records
+from minillm.data.builtin import (
+    Identity,
+    builtin_corpus,
+    builtin_preference_pairs,
+    builtin_rl_prompts,
+    builtin_sft_conversations,
+)
+from minillm.data.formats import Conversation, PreferencePair, PromptRecord, load_records
 from minillm.data.preference import PreferenceDataset
 from minillm.data.pretrain import (
     TokenShards,
@@ -41,9 +47,13 @@ from minillm.data.pretrain import (
 from minillm.data.sft import ConversationDataset
 from minillm.io import atomic_write_json, atomic_write_text
 from minillm.model.config import ConfigError, MiniGPTConfig
-from minillm.model.heads import MiniGPTRewardModel
+from minillm.model.heads import MiniGPTRewardModel, MiniGPTWithValueHead, is_reward_checkpoint
 from minillm.model.lora import LoRAConfig, apply_lora
 from minillm.model.transformer import MiniGPT, load_config
+from minillm.rl.grpo import GRPOTrainer
+from minillm.rl.ppo import PPOTrainer
+from minillm.rl.reward import RewardModelScorer, resolve_reward_function
+from minillm.rl.rollout import RolloutConfig, as_prompt_records
 from minillm.tokenizer import BPETokenizer
 from minillm.tokenizer.manager import TokenizerManager
 from minillm.tokenizer.pretrained import TokenizerLoadError, load_tokenizer
@@ -62,7 +72,8 @@ from minillm.training.trainer import (
 
 logger = logging.getLogger("minillm.training")
 
-STAGES = ("pretrain", "sft", "dpo", "reward")
+STAGES = ("pretrain", "sft", "dpo", "reward", "ppo", "grpo")
+RL_STAGES = ("ppo", "grpo")
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
 
 DEFAULTS: dict[str, Any] = {
@@ -97,12 +108,21 @@ DEFAULTS: dict[str, Any] = {
     "training": {},
     "memory": {},  # MemoryConfig: gradient_checkpointing, micro_batch_size, grad_accum_steps, optimizer_offload
     "objective": {},  # the stage's own options; dpo: beta, loss_type, label_smoothing, precompute_ref_logps
+    "rollout": {},  # ppo/grpo: RolloutConfig (prompts_per_rollout, samples_per_prompt, max_new_tokens, …)
+    "reward": {  # ppo/grpo: what scores a reply
+        "functions": None,  # built-in names ("answer") or "package.module:function"; null: ["answer"] unless model
+        "weights": None,  # one per function (and the model last); null: all 1
+        "model": None,  # a reward model checkpoint (stage reward's final/)
+    },
 }
 OBJECTIVE_OPTIONS = {
     "pretrain": {}, "sft": {},
     "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "rpo_alpha": 0.0,
             "precompute_ref_logps": False},
     "reward": {"margin": 0.0, "center_coefficient": 0.0},
+    "ppo": {"kl_coef": 0.05, "kl_estimator": "k1", "gamma": 1.0, "lam": 0.95, "whiten_advantages": True,
+            "clip_range": 0.2, "clip_range_value": 0.2, "vf_coef": 0.1, "missing_stop_penalty": 0.0},
+    "grpo": {"beta": 0.04, "clip_low": 0.2, "clip_high": None, "scale_rewards": True},
 }
 SHARED_TRAINING_KEYS = ("max_steps", "epochs", "eval_every", "save_every", "seed", "precision", "distributed")
 
@@ -178,7 +198,7 @@ def _merge(base: dict[str, Any], update: dict[str, Any], source: str, prefix: st
     for key, value in update.items():
         name = f"{prefix}{key}"
         if key not in base:
-            if prefix.startswith(("model.", "training.", "memory.", "lora.", "objective.")):
+            if prefix.startswith(("model.", "training.", "memory.", "lora.", "objective.", "rollout.")):
                 base[key] = value  # validated against MiniGPTConfig / TrainingConfig / MemoryConfig / LoRAConfig
                 continue
             raise RunConfigError(f"{source}: unknown key {name!r}; known keys here: {', '.join(base)}")
@@ -225,6 +245,22 @@ def _validate(config: dict[str, Any], source: str) -> None:
     if config["stage"] == "reward" and not config["init_from"]:
         raise RunConfigError(f"{source}: stage reward needs init_from (the SFT checkpoint whose body the "
                              "reward model starts from)")
+    if config["stage"] in RL_STAGES:
+        if not config["init_from"]:
+            raise RunConfigError(f"{source}: stage {config['stage']} needs init_from (the SFT checkpoint to "
+                                 "improve; it is also the reference model)")
+        if config["stage"] == "ppo" and config["lora"] is not None:
+            raise RunConfigError(f"{source}: lora with stage ppo is not supported (the value head trains in "
+                                 "full); use stage grpo")
+        try:
+            RolloutConfig(**config["rollout"])
+        except (TypeError, ValueError) as e:
+            raise RunConfigError(f"{source}: rollout: {e}") from None
+        functions = config["reward"]["functions"]
+        if functions is not None and (not isinstance(functions, list) or not all(isinstance(f, str) for f in functions)):
+            raise RunConfigError(f"{source}: reward.functions must be a list of names, got {functions!r}")
+    elif config["rollout"]:
+        raise RunConfigError(f"{source}: 'rollout' is for stages ppo and grpo, not {config['stage']}")
     model_fields = set(MiniGPTConfig.__dataclass_fields__) | {"preset"}
     for key in config["model"]:
         if key not in model_fields:
@@ -273,6 +309,8 @@ def cache_dir() -> Path:
 def build_model(config: dict[str, Any], tokenizer: BPETokenizer) -> MiniGPT:
     if config["stage"] == "reward":  # the SFT model's body with a new scalar head (or a reward checkpoint)
         model = MiniGPTRewardModel.from_base(resolve_checkpoint(config["init_from"]))
+    elif config["stage"] == "ppo":  # the policy with a value head (a new one, or the checkpoint's)
+        model = MiniGPTWithValueHead.from_policy(resolve_checkpoint(config["init_from"]))
     elif config["init_from"]:
         model = MiniGPT.from_pretrained(resolve_checkpoint(config["init_from"]))
     else:
@@ -336,16 +374,25 @@ def prepare_run(config: dict[str, Any]) -> PreparedRun:
             dist_utils.barrier()
     model = build_model(config, tokenizer)
     _check_fits(config, model, tokenizer)
-    if config["stage"] in ("sft", "dpo", "reward"):
+    if config["stage"] in ("sft", "dpo", "reward", *RL_STAGES):
         logger.info("model: %.2fM parameters; %d training and %d validation examples",
                     model.num_parameters() / 1e6, len(train_set), len(val_set) if val_set else 0)
     else:
         logger.info("model: %.2fM parameters; data: %d training tokens, %d validation tokens",
                     model.num_parameters() / 1e6, train_set.num_tokens(), val_set.num_tokens() if val_set else 0)
     options = {"memory": MemoryConfig(**config["memory"])}
-    if config["stage"] in ("dpo", "reward"):
-        trainer_class: type[Trainer] = DPOTrainer if config["stage"] == "dpo" else RewardTrainer
+    if config["stage"] in ("dpo", "reward", *RL_STAGES):
         options.update({**OBJECTIVE_OPTIONS[config["stage"]], **config["objective"]})
+    if config["stage"] in RL_STAGES:
+        trainer_class: type[Trainer] = PPOTrainer if config["stage"] == "ppo" else GRPOTrainer
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        functions, weights = reward_functions(config, tokenizer, device)
+        trainer = trainer_class(model, tokenizer, training_config(config), prompts=train_set,
+                                eval_prompts=val_set, reward_functions=functions, reward_weights=weights,
+                                rollout=RolloutConfig(**config["rollout"]), **options)
+        return PreparedRun(config, tokenizer, model, train_set, val_set, trainer)
+    if config["stage"] in ("dpo", "reward"):
+        trainer_class = DPOTrainer if config["stage"] == "dpo" else RewardTrainer
     else:
         trainer_class = SFTTrainer if config["stage"] == "sft" else PreTrainer
     trainer = trainer_class(model, tokenizer, training_config(config), train_data=train_set, eval_data=val_set,
@@ -357,6 +404,11 @@ def prepare_data(config: dict[str, Any]) -> tuple[BPETokenizer, Dataset, Dataset
     """The run's tokenizer and its training and validation sets (token windows for pretraining,
     conversations for SFT, preference pairs for DPO and reward models)."""
     data = config["data"]
+    if config["stage"] in RL_STAGES:
+        tokenizer = build_tokenizer(config, None)
+        prompts = load_rl_prompts(config)
+        n_val = int(len(prompts) * data["val_fraction"])
+        return tokenizer, prompts[n_val:], (prompts[:n_val] or None)
     if config["stage"] in ("dpo", "reward"):
         pairs = load_preference_pairs(config)
         tokenizer = build_tokenizer(config, None)
@@ -393,6 +445,41 @@ def load_preference_pairs(config: dict[str, Any]) -> list[PreferencePair]:
     return pairs
 
 
+def load_rl_prompts(config: dict[str, Any]) -> list[PromptRecord]:
+    """Prompts for PPO/GRPO: the built-in word problems (with their `answer`), or `{"prompt", …}` records."""
+    data = config["data"]
+    if data["source"] == "builtin":
+        return as_prompt_records(builtin_rl_prompts(int(data["num_documents"]), seed=config["seed"], lang=data["lang"]))
+    prompts = load_records(data["source"], kind="prompt", skip_bad=data["skip_bad"]).records
+    random.Random(config["seed"]).shuffle(prompts)
+    return prompts
+
+
+def reward_functions(config: dict[str, Any], tokenizer: BPETokenizer,
+                     device: torch.device) -> tuple[list[Any], list[float] | None]:
+    """The run's reward functions: `reward.functions` (default ["answer"] without a reward model), then
+    the reward model of `reward.model` if given."""
+    spec = config["reward"]
+    names = spec["functions"] if spec["functions"] is not None else ([] if spec["model"] else ["answer"])
+    try:
+        functions: list[Any] = [resolve_reward_function(name) for name in names]
+    except ValueError as e:
+        raise RunConfigError(f"reward.functions: {e}") from None
+    if spec["model"]:
+        path = resolve_checkpoint(spec["model"])
+        if not is_reward_checkpoint(path):
+            raise RunConfigError(f"reward.model: {path} is not a reward model checkpoint (train one with "
+                                 "stage: reward)")
+        reward_model = MiniGPTRewardModel.from_base(path, device=device)
+        autocast_dtype = resolve_precision(config["precision"], device)
+        autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else None
+        functions.append(RewardModelScorer(reward_model, tokenizer, autocast=autocast))
+    weights = spec["weights"]
+    if weights is not None and len(weights) != len(functions):
+        raise RunConfigError(f"reward.weights has {len(weights)} entries for {len(functions)} reward functions")
+    return functions, weights
+
+
 def load_conversations(config: dict[str, Any]) -> list[Conversation]:
     data = config["data"]
     if data["source"] == "builtin":
@@ -408,7 +495,7 @@ def _check_fits(config: dict[str, Any], model: MiniGPT, tokenizer: BPETokenizer)
     if len(tokenizer) > model.config.vocab_size:
         raise RunConfigError(f"tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
                              f"{model.config.vocab_size}")
-    if config["data"]["max_length"] > model.config.max_position_embeddings:
+    if config["stage"] not in RL_STAGES and config["data"]["max_length"] > model.config.max_position_embeddings:
         raise RunConfigError(f"data.max_length={config['data']['max_length']} exceeds the model's "
                              f"max_position_embeddings={model.config.max_position_embeddings}")
 

@@ -380,6 +380,7 @@ class Trainer:
                               "tokens_per_s": round(tokens_per_s, 1)}
                     if estimate_mfu is not None:  # tokens/s of all ranks over the peak of all ranks
                         record["mfu"] = round(estimate_mfu(tokens_per_s / self.world_size, seq_len), 5)
+                    record.update(self._extra_log())
                     record.update(memory.snapshot())
                     memory.reset_peak()  # each record's peak covers its own log window
                     metrics_log.log(record)
@@ -474,20 +475,27 @@ class Trainer:
     def _validate(self, metrics_log: MetricsLogger) -> dict[str, float]:
         result = self.evaluate()
         metrics_log.log({"step": self.step, **result})
-        message = f"step {self.step}: val_loss {result['val_loss']:.4f}"
-        if "val_ppl" in result:
-            message += f", ppl {result['val_ppl']:.2f}"
-        if result["val_loss"] < self.best_val_loss - self.config.early_stopping_min_delta:
+        message = f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
+        score = self._selection_score(result)
+        if score < self.best_val_loss - self.config.early_stopping_min_delta:
             self.evals_without_improvement = 0
         else:
             self.evals_without_improvement += 1
-        if result["val_loss"] < self.best_val_loss:
-            self.best_val_loss = result["val_loss"]
+        if score < self.best_val_loss:
+            self.best_val_loss = score
             if self.out_dir is not None:
                 self.save(self.out_dir / "best")
                 message += " (best, saved)"
         metrics_log.write(message)
         return result
+
+    def _selection_score(self, result: dict[str, float]) -> float:
+        """What `best/` and early stopping minimise: the validation loss (RL: minus the mean reward)."""
+        return result["val_loss"]
+
+    def _extra_log(self) -> dict[str, float]:
+        """Values a stage adds to each training log record (RL: the latest rollout's statistics)."""
+        return {}
 
     def _should_stop_early(self) -> bool:
         patience = self.config.early_stopping_patience
@@ -543,6 +551,8 @@ class Trainer:
         """`optimizer_state` is the unsharded one (`full_optimizer_state`); `rank_rng` every rank's RNG
         states under torchrun (rank 0's are also stored at the top level)."""
         torch.save(optimizer_state, directory / "optimizer.pt")
+        if hasattr(self.train_loader, "tensor_state"):  # data held as tensors (an RL rollout buffer)
+            torch.save(self.train_loader.tensor_state(), directory / "loader.pt")
         tensors = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                    "torch_rng": torch.get_rng_state(),
                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -612,6 +622,8 @@ class Trainer:
         _set_rng_state(rng)
         if state["loader"] is not None and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(state["loader"])
+        if hasattr(self.train_loader, "load_tensor_state") and (state_dir / "loader.pt").is_file():
+            self.train_loader.load_tensor_state(torch.load(state_dir / "loader.pt", weights_only=True))
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.best_val_loss = math.inf if state["best_val_loss"] is None else state["best_val_loss"]
         self.evals_without_improvement = state.get("evals_without_improvement", 0)
