@@ -71,6 +71,12 @@ def test_shipped_configs_load_and_name_their_stage():
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
     assert {"pretrain_tiny", "sft_tiny"} <= set(names)
     for name in names:
+        if name.startswith("rlhf"):  # a pipeline: one run config per stage
+            from minillm.rl.pipeline import RLHFPipeline
+
+            configs = RLHFPipeline.from_config(name).configs
+            assert [c["stage"] for c in configs.values()] == ["sft", "reward", "ppo"]
+            continue
         config = load_run_config(name)
         assert config["stage"] == name.split("_")[0]
 
@@ -89,7 +95,8 @@ def test_overrides_and_flags_reach_the_config():
     (["model.num_attention_heads=5"], "num_attention_heads=5 must divide"),
     (["model.hidden_sise=5"], "unknown key 'model.hidden_sise'"),
     (["training.max_steps=5"], "shared keys like max_steps go at the top level"),
-    (["stage=ppo"], "stage='ppo' is not available"),
+    (["stage=ppq"], "stage='ppq' is not available"),
+    (["stage=ppo"], "stage ppo needs init_from"),
     (["distributed=zero3"], "distributed='zero3' is not supported; allowed: none, ddp, fsdp"),
     (["lora.rank=0"], "lora: LoRAConfig.rank must be an integer >= 1"),
     (["memory.micro_batch_size=0"], "memory: micro_batch_size must be a positive integer"),

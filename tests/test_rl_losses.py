@@ -240,7 +240,7 @@ def reply_positions(batch):
             if labels[i, t + 1] != -100]
 
 
-def reference_terms(model, batch, clip_low, clip_high, clip_value):
+def reference_terms(model, batch, clip_low, clip_high, clip_value, temperature=1.0):
     """Per reply token, in float64 Python arithmetic: (logp, policy term, clipped flag, value term, value
     flag)."""
     with torch.no_grad():
@@ -248,7 +248,7 @@ def reference_terms(model, batch, clip_low, clip_high, clip_value):
         values = model.v_head(out.hidden_states)[..., 0]
     terms = []
     for i, t, token in reply_positions(batch):
-        logp = out.logits[i, t].double().log_softmax(-1)[token].item()
+        logp = (out.logits[i, t].double() / temperature).log_softmax(-1)[token].item()
         old, adv = batch["old_logps"][i, t].item(), batch["advantages"][i, t].item()
         ratio = math.exp(logp - old)
         unclipped, clipped = -adv * ratio, -adv * min(max(ratio, 1 - clip_low), 1 + clip_high)
@@ -324,6 +324,19 @@ def test_grpo_objective_equals_an_independent_computation(beta, clip_low, clip_h
         assert out.metrics["kl"].item() == pytest.approx(sum(kl), **TOL)
     else:
         assert "kl" not in out.metrics
+
+
+def test_rl_log_probabilities_are_those_of_the_sampling_temperature():
+    """Replies sampled at temperature T come from softmax(logits / T): the objectives score them there."""
+    model = tiny_model().double()
+    batch = rl_batch(6)
+    del batch["ref_logps"]
+    terms = reference_terms(model, batch, 0.2, 0.2, clip_value=1.0, temperature=0.7)
+    objective = GRPOObjective(beta=0.0)
+    objective.temperature = 0.7
+    assert objective(model, batch).loss_sum.item() == pytest.approx(sum(pg for _, pg, _, _, _ in terms), **TOL)
+    objective.temperature = 1.0
+    assert objective(model, batch).loss_sum.item() != pytest.approx(sum(pg for _, pg, _, _, _ in terms), **TOL)
 
 
 def test_clip_higher_changes_the_grpo_loss():

@@ -193,6 +193,7 @@ class RLTrainer(Trainer):
         if len(self.reward_weights) != len(self.reward_functions):
             raise ValueError(f"{len(self.reward_weights)} reward_weights for {len(self.reward_functions)} reward "
                              "functions")
+        objective.temperature = self.rollout.temperature  # the policy optimised is the one sampled from
         super().__init__(model, tokenizer, objective, config, **kwargs)
         train_config = self.config
         minibatch = train_config.batch_size * train_config.grad_accum_steps
@@ -291,7 +292,7 @@ class RLTrainer(Trainer):
                 part = {k: v[start:start + size].to(self.device) for k, v in batch.items()}
                 with self._autocast():
                     out = model(part["input_ids"], attention_mask=part["attention_mask"])
-                logps.append(token_logps(out.logits, part["labels"])[0].cpu())
+                logps.append(token_logps(out.logits, part["labels"], self.rollout.temperature)[0].cpu())
                 if with_values:
                     values.append((model.value(out.hidden_states)[:, :-1] * (part["labels"][:, 1:] != -100)).cpu())
         return torch.cat(logps), (torch.cat(values) if with_values else None)

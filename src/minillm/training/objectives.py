@@ -74,12 +74,16 @@ def stack_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return both("input_ids", 0), both("labels", -100), both("attention_mask", 0)
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logps(logits: torch.Tensor, labels: torch.Tensor,
+                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token, the log-probability of the labelled tokens, (B, T − 1) in fp32, and the mask of the
-    labelled positions: position t's logits score labels[t + 1]; -100 labels score 0 and are masked."""
+    labelled positions: position t's logits score labels[t + 1]; -100 labels score 0 and are masked.
+    With `temperature`, of the distribution softmax(logits / temperature) that RL sampled from."""
     labels = labels[:, 1:]
     mask = labels != -100
     logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, fp64 kept
+    if temperature != 1.0:
+        logits = logits / temperature
     logps = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return logps * mask, mask
 
@@ -331,6 +335,7 @@ class PPOObjective:
     `entropy`, `ratio`."""
 
     name = "ppo"
+    temperature = 1.0  # the sampling temperature: log-probabilities are those of softmax(logits / T)
 
     def __init__(self, clip_range: float = 0.2, clip_range_value: float = 0.2, vf_coef: float = 0.1) -> None:
         if clip_range <= 0 or clip_range_value <= 0:
@@ -344,7 +349,7 @@ class PPOObjective:
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        logps, mask = token_logps(out.logits, batch["labels"])
+        logps, mask = token_logps(out.logits, batch["labels"], self.temperature)
         values = getattr(model, "module", model).value(out.hidden_states)[:, :-1]
         pg, pg_clipped = clipped_policy_loss(logps, batch["old_logps"], batch["advantages"], self.clip_range)
         vf, vf_clipped = clipped_value_loss(values, batch["old_values"], batch["returns"], self.clip_range_value)
@@ -367,6 +372,7 @@ class GRPOObjective:
     is DAPO's clip-higher. Metrics (token means): `policy_loss`, `kl`, `clipfrac`, `entropy`, `ratio`."""
 
     name = "grpo"
+    temperature = 1.0  # the sampling temperature: log-probabilities are those of softmax(logits / T)
 
     def __init__(self, beta: float = 0.04, clip_low: float = 0.2, clip_high: float | None = None) -> None:
         if beta < 0:
@@ -380,7 +386,7 @@ class GRPOObjective:
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        logps, mask = token_logps(out.logits, batch["labels"])
+        logps, mask = token_logps(out.logits, batch["labels"], self.temperature)
         pg, clipped = clipped_policy_loss(logps, batch["old_logps"], batch["advantages"], self.clip_low,
                                           self.clip_high)
         m = mask.float()

@@ -210,6 +210,22 @@ def _merge(base: dict[str, Any], update: dict[str, Any], source: str, prefix: st
             base[key] = value
 
 
+_NEEDS_INIT = {"dpo": "the SFT checkpoint to align; it is also the reference model",
+               "reward": "the SFT checkpoint whose body the reward model starts from",
+               "ppo": "the SFT checkpoint to improve; it is also the reference model",
+               "grpo": "the SFT checkpoint to improve; it is also the reference model"}
+_NO_LORA = {"reward": "the new reward head must train in full",
+            "ppo": "the value head trains in full; use stage grpo"}
+
+
+def _check_section(source: str, name: str, cls: type, values: dict[str, Any]) -> None:
+    """Build the section's dataclass once, so a bad value fails with the section's name."""
+    try:
+        cls(**values)
+    except (TypeError, ValueError) as e:
+        raise RunConfigError(f"{source}: {name}: {e}") from None
+
+
 def _validate(config: dict[str, Any], source: str) -> None:
     if config["stage"] not in STAGES:
         raise RunConfigError(f"{source}: stage={config['stage']!r} is not available; available stages: "
@@ -223,39 +239,20 @@ def _validate(config: dict[str, Any], source: str) -> None:
         if not isinstance(config["lora"], dict):
             raise RunConfigError(f"{source}: 'lora' must be a mapping (rank, alpha, dropout, target_modules) "
                                  "or null")
-        try:
-            LoRAConfig(**config["lora"])
-        except (TypeError, ValueError) as e:
-            raise RunConfigError(f"{source}: lora: {e}") from None
-    try:
-        MemoryConfig(**config["memory"])
-    except (TypeError, ValueError) as e:
-        raise RunConfigError(f"{source}: memory: {e}") from None
+        _check_section(source, "lora", LoRAConfig, config["lora"])
+    _check_section(source, "memory", MemoryConfig, config["memory"])
     allowed = OBJECTIVE_OPTIONS[config["stage"]]
     for key in config["objective"]:
         if key not in allowed:
             raise RunConfigError(f"{source}: 'objective.{key}' is not an option of stage {config['stage']} "
                                  f"(its options: {', '.join(allowed) or 'none'})")
-    if config["stage"] == "dpo" and not config["init_from"]:
-        raise RunConfigError(f"{source}: stage dpo needs init_from (the SFT checkpoint to align; it is also "
-                             "the reference model)")
-    if config["stage"] == "reward" and config["lora"] is not None:
-        raise RunConfigError(f"{source}: lora with stage reward is not supported (the new reward head must "
-                             "train in full)")
-    if config["stage"] == "reward" and not config["init_from"]:
-        raise RunConfigError(f"{source}: stage reward needs init_from (the SFT checkpoint whose body the "
-                             "reward model starts from)")
-    if config["stage"] in RL_STAGES:
-        if not config["init_from"]:
-            raise RunConfigError(f"{source}: stage {config['stage']} needs init_from (the SFT checkpoint to "
-                                 "improve; it is also the reference model)")
-        if config["stage"] == "ppo" and config["lora"] is not None:
-            raise RunConfigError(f"{source}: lora with stage ppo is not supported (the value head trains in "
-                                 "full); use stage grpo")
-        try:
-            RolloutConfig(**config["rollout"])
-        except (TypeError, ValueError) as e:
-            raise RunConfigError(f"{source}: rollout: {e}") from None
+    stage = config["stage"]
+    if stage in _NEEDS_INIT and not config["init_from"]:
+        raise RunConfigError(f"{source}: stage {stage} needs init_from ({_NEEDS_INIT[stage]})")
+    if stage in _NO_LORA and config["lora"] is not None:
+        raise RunConfigError(f"{source}: lora with stage {stage} is not supported ({_NO_LORA[stage]})")
+    if stage in RL_STAGES:
+        _check_section(source, "rollout", RolloutConfig, config["rollout"])
         functions = config["reward"]["functions"]
         if functions is not None and (not isinstance(functions, list) or not all(isinstance(f, str) for f in functions)):
             raise RunConfigError(f"{source}: reward.functions must be a list of names, got {functions!r}")
