@@ -75,8 +75,11 @@ def test_sft_teaches_the_pretrained_model_to_answer_in_chat_format(runs, sft_sco
 
 # DPO is scored greedily (its pairs teach the right final answer); GRPO and PPO on the accuracy of
 # sampled replies, what their reward measures, and greedily as well.
+# Measured (200 problems): SFT greedy 44.5%, sampled 29.1%; DPO 52.0% / 38.2%; GRPO 49.5% / 40.9%;
+# PPO 52.5% / 43.1%.
 @pytest.mark.parametrize(("stage", "metric", "gain"), [("dpo", "greedy", 0.03), ("grpo", "sampled", 0.05),
-                                                       ("grpo", "greedy", 0.03), ("ppo", "sampled", 0.03)])
+                                                       ("grpo", "greedy", 0.03), ("ppo", "sampled", 0.05),
+                                                       ("ppo", "greedy", 0.03)])
 def test_alignment_raises_held_out_accuracy(stage, metric, gain, runs, sft_scores, trained, capsys):
     after = trained(stage)
     report(capsys, stage.upper(), sft_scores, after)

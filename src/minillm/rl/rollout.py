@@ -49,7 +49,7 @@ class RolloutConfig:
     top_k: int = 0
     top_p: float = 1.0
     epochs: int = 1  # passes over each rollout (PPO epochs; GRPO's μ iterations)
-    generation_batch_size: int = 0  # sequences sampled at once; 0: the whole rollout
+    generation_batch_size: int = 0  # sequences sampled at once; 0: the whole rollout (validation: ≥ 64 at once)
     max_prompt_length: int = 0  # prompts keep their last tokens up to this; 0: context − max_new_tokens
 
     def __post_init__(self) -> None:
@@ -221,10 +221,11 @@ class RLTrainer(Trainer):
                              f"the model's context of {self.base_model.config.max_position_embeddings}")
         return ids[-limit:]
 
-    def _sample(self, rows: list[list[int]], config: GenerationConfig, seed: int | None) -> list[list[int]]:
+    def _sample(self, rows: list[list[int]], config: GenerationConfig, seed: int | None,
+                default_chunk: int | None = None) -> list[list[int]]:
         """Replies (new ids, ending with the stop token when one was sampled), `generation_batch_size` rows
-        at a time."""
-        step = self.rollout.generation_batch_size or len(rows)
+        at a time (unset: `default_chunk`, else all at once)."""
+        step = self.rollout.generation_batch_size or default_chunk or len(rows)
         replies: list[list[int]] = []
         for k, start in enumerate(range(0, len(rows), step)):
             chunk_config = replace(config, seed=None if seed is None else seed + k)
@@ -312,7 +313,8 @@ class RLTrainer(Trainer):
         records = as_prompt_records(dataloader, "eval_prompts") if dataloader is not None else self.eval_data
         if not records:
             raise ValueError("no evaluation prompts given")
-        replies = self._sample([self._prompt_ids(r) for r in records], self._generation_config(greedy=True), None)
+        replies = self._sample([self._prompt_ids(r) for r in records], self._generation_config(greedy=True), None,
+                               default_chunk=max(self.rollout.sequences, 64))  # any number of prompts
         scores, means, _ = self._rewards(records, replies, 1)
         return {"val_reward": float(scores.mean()), **{f"val_{k}": v for k, v in means.items()}}
 
