@@ -49,6 +49,10 @@ in the chat: /reset clears the conversation, /system TEXT sets the system prompt
   # OpenAI clients then use base_url http://127.0.0.1:8080/v1, api_key secret, model mini""",
     "plot": """examples:
   minillm plot runs/pretrain_tiny""",
+    "export hf": """examples:
+  minillm export hf runs/sft_tiny/final --out exported/sft_tiny
+  minillm export hf runs/sft_tiny/final --out exported/sft_bf16 --dtype bfloat16
+then, in Python: transformers.AutoModelForCausalLM.from_pretrained("exported/sft_tiny")""",
     "quickstart": """examples:
   minillm quickstart
   minillm quickstart --out-dir runs/qs --minutes 3""",
@@ -171,6 +175,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-concurrent", type=int, default=32,
                        help="requests admitted at once (one generates, the rest wait in line); more get 503")
     serve.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+
+    export = commands.add_parser("export", help="export a checkpoint for other tools")
+    export_commands = export.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
+    export_hf = command(export_commands, "hf", "a native Hugging Face model directory (Llama, Qwen2 or Qwen3, "
+                        "chosen by the config) that AutoModelForCausalLM loads", "export hf")
+    export_hf.add_argument("checkpoint", help="a model directory (e.g. runs/sft_tiny/final)")
+    export_hf.add_argument("--out", required=True, help="the directory to write")
+    export_hf.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                           help="weight dtype (auto: the checkpoint's)")
+    export_hf.add_argument("--max-shard-size", default="2GB", help="larger weights are split into shards with an index")
 
     plot = command(commands, "plot", "redraw a run's plots (plots/*.png) from its metrics.jsonl")
     plot.add_argument("run_dir", help="a run directory holding metrics.jsonl")
@@ -378,6 +392,22 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from minillm.export.hf import ExportError, export_hf
+    from minillm.training.checkpoint import resolve_checkpoint
+
+    try:
+        out = export_hf(resolve_checkpoint(args.checkpoint), args.out, dtype=args.dtype,
+                        max_shard_size=args.max_shard_size)
+    except ExportError as e:
+        print(f"minillm export hf: error: {args.checkpoint}: {e}", file=sys.stderr)
+        return 2
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    print(f"wrote {out}: {config['architectures'][0]} ({config['model_type']}, {config['dtype']}); load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from minillm.training.plots import plot_run
 
@@ -410,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from minillm.training.trainer import ResumeError
 
     handlers = {"train": _train, "generate": _generate, "chat": _chat, "quickstart": _quickstart, "data": _data, "plot": _plot,
-                "serve": _serve}
+                "serve": _serve, "export": _export}
     if args.command == "tokenizer":
         handler = _tokenizer_train if args.tokenizer_command == "train" else _tokenizer_eval
     else:

@@ -1,0 +1,202 @@
+"""Export a Mini-LLM checkpoint as a native Hugging Face model directory.
+
+`MiniGPT` keeps Llama's parameter names and RoPE convention, so exporting is choosing the transformers
+family whose code computes the same function as the config, writing that family's `config.json`, and
+saving the weights under the same names — no translation of tensors. The family follows from the
+config:
+
+- `llama`: RMSNorm, RoPE, SwiGLU, no QK-norm, biases on all four attention projections or none;
+- `qwen2`: as Llama but with biases on q/k/v and none on o;
+- `qwen3`: as Llama plus a per-head RMSNorm on q and k (QK-norm), biases on all four or none.
+
+A config no family can express is refused with every field that blocks it. The export needs no
+transformers: `config.json` is written from the config, and the weights as safetensors, sharded with a
+`model.safetensors.index.json` when they exceed `max_shard_size`. LoRA adapters are merged first; the
+tokenizer (with its chat template) and a `generation_config.json` whose stop tokens include the chat
+template's end-of-turn token are written beside them.
+
+    from minillm.export.hf import export_hf
+    export_hf("runs/sft_tiny/final", "out/hf")      # AutoModelForCausalLM.from_pretrained("out/hf")
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from minillm.io import atomic_write_json, fsync_dir
+from minillm.model.config import MiniGPTConfig
+from minillm.model.transformer import MiniGPT
+
+__all__ = ["DTYPES", "FAMILIES", "ExportError", "export_hf", "hf_config", "hf_family"]
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+class ExportError(ValueError):
+    """A model that cannot be exported as asked; the message names the field and the reason."""
+
+
+def _blockers(config: MiniGPTConfig, family: str) -> list[str]:
+    """Why `family` cannot express `config`: one 'field=value: reason' line per blocking field."""
+    problems = []
+    if config.norm_type != "rmsnorm":
+        problems.append(f"norm_type={config.norm_type!r}: {family} uses RMSNorm only (LayerNorm is GPT-2's)")
+    if config.position_embedding != "rope":
+        problems.append(f"position_embedding={config.position_embedding!r}: {family} has RoPE only")
+    if config.mlp_type != "swiglu":
+        problems.append(f"mlp_type={config.mlp_type!r}: {family}'s MLP is SwiGLU only")
+    if config.num_experts > 0:
+        problems.append(f"num_experts={config.num_experts}: mixture-of-experts export (Qwen3-MoE, Mixtral) is "
+                        "not available yet")
+    if config.mlp_bias and family != "llama":
+        problems.append(f"mlp_bias=True: {family}'s MLP has no biases")
+    if family == "llama" and config.qk_norm:
+        problems.append("qk_norm=True: Llama has no per-head q/k RMSNorm (that is Qwen3's)")
+    if family == "qwen2":
+        if config.qk_norm:
+            problems.append("qk_norm=True: Qwen2 has no per-head q/k RMSNorm (that is Qwen3's)")
+        if not config.qkv_bias or config.out_bias:
+            problems.append(f"qkv_bias={config.qkv_bias}, out_bias={config.out_bias}: Qwen2 always has biases "
+                            "on q, k, v and never on o")
+    if family in ("llama", "qwen3") and config.qkv_bias != config.out_bias:
+        problems.append(f"qkv_bias={config.qkv_bias}, out_bias={config.out_bias}: {family}'s attention_bias puts "
+                        "a bias on q, k, v and o alike, so both must be equal (q/k/v only is Qwen2's)")
+    if config.hidden_size % config.num_attention_heads != 0 and family != "qwen3":
+        problems.append(f"hidden_size={config.hidden_size} with num_attention_heads={config.num_attention_heads}: "
+                        f"{family} requires hidden_size divisible by num_attention_heads")
+    return problems
+
+
+def hf_family(config: MiniGPTConfig) -> str:
+    """The transformers family that computes what `MiniGPT(config)` computes (see the module docstring);
+    `ExportError` listing the blocking fields when there is none."""
+    preferred = "qwen3" if config.qk_norm else ("qwen2" if config.qkv_bias and not config.out_bias else "llama")
+    problems = _blockers(config, preferred)
+    if problems:
+        raise ExportError(f"this model has no native Hugging Face counterpart (closest: {preferred}):\n  "
+                          + "\n  ".join(problems))
+    return preferred
+
+
+def hf_config(config: MiniGPTConfig, family: str | None = None, dtype: str = "float32") -> dict[str, Any]:
+    """The `config.json` of `family` (default: `hf_family(config)`) for a model equal to `MiniGPT(config)`."""
+    family = family or hf_family(config)
+    if family not in FAMILIES:
+        raise ExportError(f"family={family!r} is not supported; supported: {', '.join(FAMILIES)}")
+    problems = _blockers(config, family)
+    if problems:
+        raise ExportError(f"this model cannot be exported as {family}:\n  " + "\n  ".join(problems))
+    rope = {"rope_type": "default", "rope_theta": float(config.rope_theta)}
+    data: dict[str, Any] = {
+        "architectures": [_ARCHITECTURES[family]], "model_type": family,
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.attention_head_dim, "hidden_act": "silu",
+        "max_position_embeddings": config.max_position_embeddings, "initializer_range": config.initializer_range,
+        "rms_norm_eps": config.norm_eps, "rope_theta": float(config.rope_theta), "rope_parameters": rope,
+        "rope_scaling": None, "attention_dropout": 0.0, "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id, "use_cache": True, "torch_dtype": dtype, "dtype": dtype,
+    }
+    if family == "llama":
+        data.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias, pretraining_tp=1)
+    else:
+        data.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.num_hidden_layers,
+                    layer_types=["full_attention"] * config.num_hidden_layers)
+        if family == "qwen3":
+            data["attention_bias"] = config.qkv_bias
+    return data
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper()
+    for suffix, factor in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if text.endswith(suffix):
+            return int(float(text[:-len(suffix)]) * factor)
+    return int(text)
+
+
+def export_hf(checkpoint: str | Path | MiniGPT, out_dir: str | Path, tokenizer: Any = None,
+              dtype: str = "auto", family: str | None = None, max_shard_size: int | str = "2GB") -> Path:
+    """Write `checkpoint` (a model directory, or a `MiniGPT`) to `out_dir` as a native Hugging Face model
+    directory; `dtype` is `auto` (the checkpoint's), `float32`, `bfloat16` or `float16`. The directory is
+    assembled under a temporary name and renamed into place."""
+    if isinstance(checkpoint, MiniGPT):
+        model = checkpoint
+    else:
+        model = MiniGPT.from_pretrained(checkpoint)
+        if tokenizer is None and (Path(checkpoint) / "tokenizer.json").is_file():
+            from minillm.tokenizer import BPETokenizer
+
+            tokenizer = BPETokenizer.from_pretrained(checkpoint)
+    if getattr(model, "lora_config", None) is not None:
+        from minillm.model.lora import merge_lora
+
+        model = merge_lora(copy.deepcopy(model))
+    if dtype == "auto":
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype={dtype!r} is not supported; choose auto, {', '.join(DTYPES)}")
+    config = hf_config(model.config, family, dtype)
+    state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # transformers re-ties it to the embedding
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        shards = _shards(state, _parse_size(max_shard_size))
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            atomic_write_json(tmp / "model.safetensors.index.json",
+                              {"metadata": {"total_size": total}, "weight_map": weight_map})
+        atomic_write_json(tmp / "config.json", config)
+        generation = {"bos_token_id": config["bos_token_id"], "pad_token_id": config["pad_token_id"],
+                      "eos_token_id": config["eos_token_id"]}
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+            stops = [t for t in (getattr(tokenizer, "im_end_id", None), tokenizer.eos_token_id) if t is not None]
+            generation.update(eos_token_id=stops if len(stops) > 1 else (stops or [None])[0],
+                              pad_token_id=tokenizer.pad_token_id)
+        atomic_write_json(tmp / "generation_config.json", generation)
+        fsync_dir(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
