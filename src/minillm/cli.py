@@ -434,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     from minillm.data.formats import DataError
+    from minillm.export.hf import ExportError
     from minillm.model.config import ConfigError
     from minillm.tokenizer.pretrained import TokenizerLoadError
     from minillm.training.run import RunConfigError
@@ -447,7 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = handlers[args.command]
     try:
         return handler(args)
-    except (DataError, ConfigError, RunConfigError, ResumeError, TokenizerLoadError, FileNotFoundError) as e:
+    except (DataError, ConfigError, RunConfigError, ResumeError, TokenizerLoadError, FileNotFoundError,
+            ExportError) as e:
         print(f"minillm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

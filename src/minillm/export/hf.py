@@ -1,4 +1,4 @@
-"""Export a Mini-LLM checkpoint as a native Hugging Face model directory.
+"""Mini-LLM checkpoints to and from native Hugging Face model directories.
 
 `MiniGPT` keeps Llama's parameter names and RoPE convention, so exporting is choosing the transformers
 family whose code computes the same function as the config, writing that family's `config.json`, and
@@ -17,11 +17,17 @@ template's end-of-turn token are written beside them.
 
     from minillm.export.hf import export_hf
     export_hf("runs/sft_tiny/final", "out/hf")      # AutoModelForCausalLM.from_pretrained("out/hf")
+
+The other way, `MiniGPT.from_pretrained` reads Llama, Qwen2 and Qwen3 directories (`config_from_hf`,
+`read_hf_weights`: safetensors or PyTorch weights loaded with `weights_only=True`, sharded or not);
+what our model cannot compute exactly (scaled RoPE, sliding windows, another activation) is refused
+by field.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 from pathlib import Path
@@ -34,7 +40,8 @@ from minillm.io import atomic_write_json, fsync_dir
 from minillm.model.config import MiniGPTConfig
 from minillm.model.transformer import MiniGPT
 
-__all__ = ["DTYPES", "FAMILIES", "ExportError", "export_hf", "hf_config", "hf_family"]
+__all__ = ["DTYPES", "FAMILIES", "IMPORTABLE", "ExportError", "config_from_hf", "export_hf", "hf_config", "hf_family",
+           "read_hf_weights"]
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -200,3 +207,84 @@ def export_hf(checkpoint: str | Path | MiniGPT, out_dir: str | Path, tokenizer: 
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
+
+
+# ---------------------------------------------------------------------------------------- import
+IMPORTABLE = FAMILIES
+
+
+def config_from_hf(data: dict[str, Any], source: str | Path = "config.json") -> MiniGPTConfig:
+    """The `MiniGPTConfig` computing what the transformers model of `config.json` data computes."""
+    model_type = data.get("model_type")
+    if model_type not in IMPORTABLE:
+        raise ExportError(f"{source}: model_type={model_type!r} cannot be read; supported: {', '.join(IMPORTABLE)} "
+                          "(and Mini-LLM's own checkpoints)")
+
+    def refuse(field: str, why: str) -> None:
+        raise ExportError(f"{source}: {field}={data.get(field)!r}: {why}")
+
+    if data.get("hidden_act", "silu") not in ("silu", "swish"):
+        refuse("hidden_act", "only SiLU (SwiGLU) MLPs are supported")
+    params = data.get("rope_parameters") or {}
+    scaling = data.get("rope_scaling") or {}
+    rope_type = scaling.get("rope_type") or scaling.get("type") or params.get("rope_type") or "default"
+    if rope_type != "default":
+        refuse("rope_scaling" if scaling else "rope_parameters",
+               f"RoPE type {rope_type!r} is not supported (only unscaled RoPE)")
+    if data.get("use_sliding_window"):
+        refuse("use_sliding_window", "sliding-window attention is not supported")
+    if data.get("pretraining_tp", 1) != 1:
+        refuse("pretraining_tp", "only pretraining_tp=1 is supported")
+    if data.get("attention_dropout", 0.0):
+        refuse("attention_dropout", "attention dropout is not supported")
+    heads = data["num_attention_heads"]
+
+    def token(name: str) -> int | None:
+        value = data.get(name)
+        return value[0] if isinstance(value, list) and value else value
+
+    fields: dict[str, Any] = dict(
+        vocab_size=data["vocab_size"], hidden_size=data["hidden_size"], intermediate_size=data["intermediate_size"],
+        num_hidden_layers=data["num_hidden_layers"], num_attention_heads=heads,
+        num_key_value_heads=data.get("num_key_value_heads") or heads,
+        head_dim=data.get("head_dim") or data["hidden_size"] // heads,
+        max_position_embeddings=data.get("max_position_embeddings", 2048), norm_eps=data.get("rms_norm_eps", 1e-6),
+        rope_theta=float(params.get("rope_theta", data.get("rope_theta", 10000.0))),
+        tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
+        initializer_range=data.get("initializer_range", 0.02),
+        bos_token_id=token("bos_token_id"), eos_token_id=token("eos_token_id"), pad_token_id=token("pad_token_id"))
+    if model_type == "llama":
+        bias = bool(data.get("attention_bias", False))
+        fields.update(qkv_bias=bias, out_bias=bias, mlp_bias=bool(data.get("mlp_bias", False)))
+    elif model_type == "qwen2":
+        fields.update(qkv_bias=True, out_bias=False)
+    else:
+        bias = bool(data.get("attention_bias", False))
+        fields.update(qk_norm=True, qkv_bias=bias, out_bias=bias)
+    return MiniGPTConfig(**fields)
+
+
+def read_hf_weights(directory: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face model directory: `model.safetensors`, sharded safetensors (with
+    `model.safetensors.index.json`), or PyTorch `pytorch_model.bin` (sharded or not), the latter loaded
+    with `weights_only=True` so no pickled code runs. Rotary `inv_freq` buffers are dropped."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    state: dict[str, torch.Tensor] = {}
+    if (directory / "model.safetensors").is_file():
+        state = load_file(str(directory / "model.safetensors"), device=device)
+    elif (directory / "model.safetensors.index.json").is_file():
+        index = json.loads((directory / "model.safetensors.index.json").read_text(encoding="utf-8"))
+        for shard in sorted(set(index["weight_map"].values())):
+            state.update(load_file(str(directory / shard), device=device))
+    elif (directory / "pytorch_model.bin").is_file():
+        state = torch.load(directory / "pytorch_model.bin", map_location=device, weights_only=True)
+    elif (directory / "pytorch_model.bin.index.json").is_file():
+        index = json.loads((directory / "pytorch_model.bin.index.json").read_text(encoding="utf-8"))
+        for shard in sorted(set(index["weight_map"].values())):
+            state.update(torch.load(directory / shard, map_location=device, weights_only=True))
+    else:
+        raise FileNotFoundError(f"no weights in {directory} (model.safetensors, sharded safetensors with an index, "
+                                "or pytorch_model.bin)")
+    return {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}

@@ -206,10 +206,13 @@ class MiniGPT(nn.Module):
         (a tied LM head is stored once, as the embedding) but those named in `allow_missing` (a new head
         on a pretrained body keeps its initialisation)."""
         weights_path = Path(directory) / WEIGHTS_FILE
-        if not weights_path.is_file():
-            raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}")
         device = next(self.parameters()).device
-        state = load_file(str(weights_path), device=str(device))
+        if weights_path.is_file():
+            state = load_file(str(weights_path), device=str(device))
+        else:  # a Hugging Face directory: sharded safetensors or PyTorch weights
+            from minillm.export.hf import read_hf_weights
+
+            state = read_hf_weights(directory, device=str(device))
         expected = set(self.state_dict())
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
@@ -270,9 +273,10 @@ def load_config(directory: str | Path) -> MiniGPTConfig:
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {directory} (is it a model directory?)")
     data = json.loads(path.read_text(encoding="utf-8"))
-    if data.get("model_type") != MODEL_TYPE:
-        raise ValueError(f"{path}: model_type={data.get('model_type')!r} is not a Mini-LLM checkpoint "
-                         f"(expected {MODEL_TYPE!r})")
+    if data.get("model_type") != MODEL_TYPE:  # a Hugging Face directory (Llama, Qwen2, Qwen3), or refused
+        from minillm.export.hf import config_from_hf
+
+        return config_from_hf(data, path)
     return MiniGPTConfig.from_dict({k: v for k, v in data.items() if k not in _HF_ONLY_KEYS})
 
 
