@@ -26,21 +26,29 @@ FAMILIES = {
 
 
 def hf_model(family: str, vocab_size: int, tied: bool = False, **extra):
-    config_class, model_class, fields = FAMILIES[family]
     torch.manual_seed(0)
-    config = getattr(transformers, config_class)(vocab_size=vocab_size, tie_word_embeddings=tied,
-                                                 **{**COMMON, **fields, **extra})
-    model = getattr(transformers, model_class)(config).eval()
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                         n_inner=96, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                         initializer_range=0.1, tie_word_embeddings=tied, bos_token_id=1,
+                                         eos_token_id=2, **extra)
+        model = transformers.GPT2LMHeadModel(config).eval()
+    else:
+        config_class, model_class, fields = FAMILIES[family]
+        config = getattr(transformers, config_class)(vocab_size=vocab_size, tie_word_embeddings=tied,
+                                                     **{**COMMON, **fields, **extra})
+        model = getattr(transformers, model_class)(config).eval()
     with torch.no_grad():  # nonzero norms and biases, so that a dropped or misplaced one shows
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.normal_(1.0 if "norm" in name else 0.0, 0.2)
+            if "norm" in name or "ln_" in name or name.endswith("bias"):
+                p.normal_(1.0 if ("norm" in name or "ln_" in name) and name.endswith("weight") else 0.0, 0.2)
     return model
 
 
 @pytest.mark.parametrize(("family", "tied", "serialization"), [
     ("llama", False, "safetensors"), ("llama", True, "sharded"), ("qwen2", False, "bin"),
-    ("qwen2", True, "safetensors"), ("qwen3", False, "sharded_bin"), ("qwen3", True, "safetensors")])
+    ("qwen2", True, "safetensors"), ("qwen3", False, "sharded_bin"), ("qwen3", True, "safetensors"),
+    ("gpt2", True, "safetensors"), ("gpt2", False, "bin")])
 def test_hugging_face_models_load_with_the_same_logits(family, tied, serialization, tokenizer, tmp_path):
     hf = hf_model(family, len(tokenizer), tied)
     options = {"safetensors": {}, "sharded": {"max_shard_size": "100KB"},
@@ -72,10 +80,11 @@ def test_an_imported_model_fine_tunes_and_saves_as_ours(tokenizer, tmp_path):
 @pytest.mark.parametrize(("extra", "field"), [
     (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "RoPE type 'linear'"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    (dict(model_type="gpt2", activation_function="relu", n_embd=16, n_layer=1, n_head=2), "activation_function='relu'"),
 ])
 def test_what_cannot_be_computed_exactly_is_refused(extra, field, tmp_path):
-    config = dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                  num_attention_heads=2, **extra)
+    config = {**dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                     num_attention_heads=2), **extra}
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ExportError, match=field.replace("(", r"\(")):

@@ -178,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="export a checkpoint for other tools")
     export_commands = export.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
-    export_hf = command(export_commands, "hf", "a native Hugging Face model directory (Llama, Qwen2 or Qwen3, "
+    export_hf = command(export_commands, "hf", "a native Hugging Face model directory (Llama, Qwen2, Qwen3 or GPT-2, "
                         "chosen by the config) that AutoModelForCausalLM loads", "export hf")
     export_hf.add_argument("checkpoint", help="a model directory (e.g. runs/sft_tiny/final)")
     export_hf.add_argument("--out", required=True, help="the directory to write")

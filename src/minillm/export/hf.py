@@ -7,7 +7,9 @@ config:
 
 - `llama`: RMSNorm, RoPE, SwiGLU, no QK-norm, biases on all four attention projections or none;
 - `qwen2`: as Llama but with biases on q/k/v and none on o;
-- `qwen3`: as Llama plus a per-head RMSNorm on q and k (QK-norm), biases on all four or none.
+- `qwen3`: as Llama plus a per-head RMSNorm on q and k (QK-norm), biases on all four or none;
+- `gpt2`: LayerNorm, learned positions, GELU (tanh) MLP, biases everywhere, full multi-head attention;
+  its fused `c_attn` and the transposed `Conv1D` weights are the one translation of tensors.
 
 A config no family can express is refused with every field that blocks it. The export needs no
 transformers: `config.json` is written from the config, and the weights as safetensors, sharded with a
@@ -40,32 +42,61 @@ from minillm.io import atomic_write_json, fsync_dir
 from minillm.model.config import MiniGPTConfig
 from minillm.model.transformer import MiniGPT
 
-__all__ = ["DTYPES", "FAMILIES", "IMPORTABLE", "ExportError", "config_from_hf", "export_hf", "hf_config", "hf_family",
-           "read_hf_weights"]
+__all__ = ["DTYPES", "FAMILIES", "IMPORTABLE", "ExportError", "config_from_hf", "export_hf", "from_gpt2_state",
+           "hf_config", "hf_family", "read_hf_weights", "to_gpt2_state"]
 
-FAMILIES = ("llama", "qwen2", "qwen3")
+FAMILIES = ("llama", "qwen2", "qwen3", "gpt2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  "gpt2": "GPT2LMHeadModel"}
 
 
 class ExportError(ValueError):
     """A model that cannot be exported as asked; the message names the field and the reason."""
 
 
+_NAMES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "gpt2": "GPT-2"}
+
+
+def _gpt2_blockers(config: MiniGPTConfig) -> list[str]:
+    problems = []
+    for field, value, why in (("norm_type", "layernorm", "GPT-2 uses LayerNorm"),
+                              ("position_embedding", "learned", "GPT-2 has learned position embeddings"),
+                              ("mlp_type", "gelu", "GPT-2's MLP is GELU")):
+        if getattr(config, field) != value:
+            problems.append(f"{field}={getattr(config, field)!r}: {why}")
+    if not (config.qkv_bias and config.out_bias and config.mlp_bias):
+        problems.append(f"qkv_bias={config.qkv_bias}, out_bias={config.out_bias}, mlp_bias={config.mlp_bias}: "
+                        "GPT-2 has biases on every projection")
+    if config.num_key_value_heads != config.num_attention_heads:
+        problems.append(f"num_key_value_heads={config.num_key_value_heads}: GPT-2 has full multi-head attention "
+                        f"(num_attention_heads={config.num_attention_heads})")
+    if config.attention_head_dim * config.num_attention_heads != config.hidden_size:
+        problems.append(f"head_dim={config.head_dim}: GPT-2's heads split hidden_size evenly")
+    if config.qk_norm:
+        problems.append("qk_norm=True: GPT-2 has no q/k norm")
+    if config.num_experts > 0:
+        problems.append(f"num_experts={config.num_experts}: GPT-2 has no mixture-of-experts layers")
+    return problems
+
+
 def _blockers(config: MiniGPTConfig, family: str) -> list[str]:
     """Why `family` cannot express `config`: one 'field=value: reason' line per blocking field."""
+    if family == "gpt2":
+        return _gpt2_blockers(config)
+    name = _NAMES[family]
     problems = []
     if config.norm_type != "rmsnorm":
-        problems.append(f"norm_type={config.norm_type!r}: {family} uses RMSNorm only (LayerNorm is GPT-2's)")
+        problems.append(f"norm_type={config.norm_type!r}: {name} uses RMSNorm only (LayerNorm is GPT-2's)")
     if config.position_embedding != "rope":
-        problems.append(f"position_embedding={config.position_embedding!r}: {family} has RoPE only")
+        problems.append(f"position_embedding={config.position_embedding!r}: {name} has RoPE only")
     if config.mlp_type != "swiglu":
-        problems.append(f"mlp_type={config.mlp_type!r}: {family}'s MLP is SwiGLU only")
+        problems.append(f"mlp_type={config.mlp_type!r}: {name}'s MLP is SwiGLU only")
     if config.num_experts > 0:
         problems.append(f"num_experts={config.num_experts}: mixture-of-experts export (Qwen3-MoE, Mixtral) is "
                         "not available yet")
     if config.mlp_bias and family != "llama":
-        problems.append(f"mlp_bias=True: {family}'s MLP has no biases")
+        problems.append(f"mlp_bias=True: {name}'s MLP has no biases")
     if family == "llama" and config.qk_norm:
         problems.append("qk_norm=True: Llama has no per-head q/k RMSNorm (that is Qwen3's)")
     if family == "qwen2":
@@ -75,21 +106,25 @@ def _blockers(config: MiniGPTConfig, family: str) -> list[str]:
             problems.append(f"qkv_bias={config.qkv_bias}, out_bias={config.out_bias}: Qwen2 always has biases "
                             "on q, k, v and never on o")
     if family in ("llama", "qwen3") and config.qkv_bias != config.out_bias:
-        problems.append(f"qkv_bias={config.qkv_bias}, out_bias={config.out_bias}: {family}'s attention_bias puts "
+        problems.append(f"qkv_bias={config.qkv_bias}, out_bias={config.out_bias}: {name}'s attention_bias puts "
                         "a bias on q, k, v and o alike, so both must be equal (q/k/v only is Qwen2's)")
     if config.hidden_size % config.num_attention_heads != 0 and family != "qwen3":
         problems.append(f"hidden_size={config.hidden_size} with num_attention_heads={config.num_attention_heads}: "
-                        f"{family} requires hidden_size divisible by num_attention_heads")
+                        f"{name} requires hidden_size divisible by num_attention_heads")
     return problems
 
 
 def hf_family(config: MiniGPTConfig) -> str:
     """The transformers family that computes what `MiniGPT(config)` computes (see the module docstring);
     `ExportError` listing the blocking fields when there is none."""
-    preferred = "qwen3" if config.qk_norm else ("qwen2" if config.qkv_bias and not config.out_bias else "llama")
+    if config.norm_type == "layernorm" or config.position_embedding == "learned" or config.mlp_type == "gelu":
+        preferred = "gpt2"
+    else:
+        preferred = "qwen3" if config.qk_norm else ("qwen2" if config.qkv_bias and not config.out_bias else "llama")
     problems = _blockers(config, preferred)
     if problems:
-        raise ExportError(f"this model has no native Hugging Face counterpart (closest: {preferred}):\n  "
+        raise ExportError(f"this model has no native Hugging Face counterpart (closest: {_NAMES[preferred]}, "
+                          f"model_type {preferred}):\n  "
                           + "\n  ".join(problems))
     return preferred
 
@@ -101,7 +136,9 @@ def hf_config(config: MiniGPTConfig, family: str | None = None, dtype: str = "fl
         raise ExportError(f"family={family!r} is not supported; supported: {', '.join(FAMILIES)}")
     problems = _blockers(config, family)
     if problems:
-        raise ExportError(f"this model cannot be exported as {family}:\n  " + "\n  ".join(problems))
+        raise ExportError(f"this model cannot be expressed as a {_NAMES[family]} model:\n  " + "\n  ".join(problems))
+    if family == "gpt2":
+        return _gpt2_config(config, dtype)
     rope = {"rope_type": "default", "rope_theta": float(config.rope_theta)}
     data: dict[str, Any] = {
         "architectures": [_ARCHITECTURES[family]], "model_type": family,
@@ -123,6 +160,65 @@ def hf_config(config: MiniGPTConfig, family: str | None = None, dtype: str = "fl
         if family == "qwen3":
             data["attention_bias"] = config.qkv_bias
     return data
+
+
+def _gpt2_config(config: MiniGPTConfig, dtype: str) -> dict[str, Any]:
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
+            "n_embd": config.hidden_size, "n_layer": config.num_hidden_layers, "n_head": config.num_attention_heads,
+            "n_inner": config.intermediate_size, "n_positions": config.max_position_embeddings,
+            "activation_function": "gelu_new", "layer_norm_epsilon": config.norm_eps,
+            "initializer_range": config.initializer_range, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+            "tie_word_embeddings": config.tie_word_embeddings, "bos_token_id": config.bos_token_id,
+            "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id, "use_cache": True,
+            "torch_dtype": dtype, "dtype": dtype}
+
+
+_GPT2_RENAMES = (("model.embed_tokens.", "transformer.wte."), ("model.embed_positions.", "transformer.wpe."),
+                 ("model.norm.", "transformer.ln_f."), ("model.layers.", "transformer.h."),
+                 (".input_layernorm.", ".ln_1."), (".post_attention_layernorm.", ".ln_2."),
+                 (".self_attn.o_proj.", ".attn.c_proj."), (".mlp.up_proj.", ".mlp.c_fc."),
+                 (".mlp.down_proj.", ".mlp.c_proj."))
+
+
+def to_gpt2_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our tensors under GPT-2's names: q, k, v fused into `c_attn`, and every projection transposed
+    (GPT-2's `Conv1D` stores (in, out) where `nn.Linear` stores (out, in))."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+            continue
+        if ".self_attn.q_proj." in name:
+            parts = [state[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
+            fused = torch.cat(parts, dim=0)
+            name, tensor = name.replace(".self_attn.q_proj.", ".attn.c_attn."), fused
+        for ours, theirs in _GPT2_RENAMES:
+            name = name.replace(ours, theirs)
+        if name.endswith(".weight") and any(k in name for k in (".c_attn.", ".c_proj.", ".c_fc.")):
+            tensor = tensor.t()
+        out[name] = tensor.contiguous()
+    return out
+
+
+def from_gpt2_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GPT-2's tensors under our names (the inverse of `to_gpt2_state`); the causal-mask buffers of old
+    checkpoints are dropped and a missing `transformer.` prefix is allowed."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue
+        if not name.startswith(("transformer.", "lm_head.")):
+            name = "transformer." + name
+        if name.endswith(".weight") and any(k in name for k in (".c_attn.", ".c_proj.", ".c_fc.")):
+            tensor = tensor.t()
+        for ours, theirs in _GPT2_RENAMES:
+            name = name.replace(theirs, ours)
+        if ".attn.c_attn." in name:
+            for part, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+                out[name.replace(".attn.c_attn.", f".self_attn.{part}.")] = chunk.contiguous()
+            continue
+        out[name] = tensor.contiguous()
+    return out
 
 
 def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -173,6 +269,8 @@ def export_hf(checkpoint: str | Path | MiniGPT, out_dir: str | Path, tokenizer: 
     state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # transformers re-ties it to the embedding
+    if config["model_type"] == "gpt2":
+        state = to_gpt2_state(state)
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -213,12 +311,37 @@ def export_hf(checkpoint: str | Path | MiniGPT, out_dir: str | Path, tokenizer: 
 IMPORTABLE = FAMILIES
 
 
+def _gpt2_from_hf(data: dict[str, Any], source: str | Path) -> MiniGPTConfig:
+    def refuse(field: str, why: str) -> None:
+        raise ExportError(f"{source}: {field}={data.get(field)!r}: {why}")
+
+    if data.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        refuse("activation_function", "only GPT-2's tanh GELU (gelu_new) is supported")
+    if data.get("scale_attn_by_inverse_layer_idx") or data.get("reorder_and_upcast_attn"):
+        refuse("scale_attn_by_inverse_layer_idx", "only GPT-2's standard attention scaling is supported")
+    if data.get("scale_attn_weights", True) is False:
+        refuse("scale_attn_weights", "unscaled attention is not supported")
+    hidden = data["n_embd"]
+    return MiniGPTConfig(
+        vocab_size=data["vocab_size"], hidden_size=hidden, num_hidden_layers=data["n_layer"],
+        num_attention_heads=data["n_head"], num_key_value_heads=data["n_head"],
+        intermediate_size=data.get("n_inner") or 4 * hidden, max_position_embeddings=data.get("n_positions", 1024),
+        norm_type="layernorm", position_embedding="learned", mlp_type="gelu", qkv_bias=True, out_bias=True,
+        mlp_bias=True, norm_eps=data.get("layer_norm_epsilon", 1e-5),
+        tie_word_embeddings=bool(data.get("tie_word_embeddings", True)),
+        initializer_range=data.get("initializer_range", 0.02), bos_token_id=data.get("bos_token_id"),
+        eos_token_id=data.get("eos_token_id"), pad_token_id=data.get("pad_token_id"))
+
+
 def config_from_hf(data: dict[str, Any], source: str | Path = "config.json") -> MiniGPTConfig:
     """The `MiniGPTConfig` computing what the transformers model of `config.json` data computes."""
     model_type = data.get("model_type")
     if model_type not in IMPORTABLE:
         raise ExportError(f"{source}: model_type={model_type!r} cannot be read; supported: {', '.join(IMPORTABLE)} "
                           "(and Mini-LLM's own checkpoints)")
+
+    if model_type == "gpt2":
+        return _gpt2_from_hf(data, source)
 
     def refuse(field: str, why: str) -> None:
         raise ExportError(f"{source}: {field}={data.get(field)!r}: {why}")
@@ -287,4 +410,7 @@ def read_hf_weights(directory: str | Path, device: str = "cpu") -> dict[str, tor
     else:
         raise FileNotFoundError(f"no weights in {directory} (model.safetensors, sharded safetensors with an index, "
                                 "or pytorch_model.bin)")
-    return {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    if any(k.endswith("wte.weight") for k in state):  # GPT-2's layout
+        state = from_gpt2_state(state)
+    return state

@@ -207,9 +207,9 @@ class MiniGPT(nn.Module):
         on a pretrained body keeps its initialisation)."""
         weights_path = Path(directory) / WEIGHTS_FILE
         device = next(self.parameters()).device
-        if weights_path.is_file():
+        if weights_path.is_file() and _is_own_checkpoint(directory):
             state = load_file(str(weights_path), device=str(device))
-        else:  # a Hugging Face directory: sharded safetensors or PyTorch weights
+        else:  # a Hugging Face directory: its names and layout, sharded safetensors or PyTorch weights
             from minillm.export.hf import read_hf_weights
 
             state = read_hf_weights(directory, device=str(device))
@@ -266,6 +266,11 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was_training)
+
+
+def _is_own_checkpoint(directory: str | Path) -> bool:
+    path = Path(directory) / CONFIG_FILE
+    return not path.is_file() or json.loads(path.read_text(encoding="utf-8")).get("model_type") == MODEL_TYPE
 
 
 def load_config(directory: str | Path) -> MiniGPTConfig:
