@@ -49,6 +49,9 @@ in the chat: /reset clears the conversation, /system TEXT sets the system prompt
   # OpenAI clients then use base_url http://127.0.0.1:8080/v1, api_key secret, model mini""",
     "plot": """examples:
   minillm plot runs/pretrain_tiny""",
+    "export onnx": """examples:
+  minillm export onnx runs/sft_tiny/final --out exported/sft_tiny_onnx
+then: onnxruntime.InferenceSession("exported/sft_tiny_onnx/model.onnx").run(None, {"input_ids": ..., "attention_mask": ...})""",
     "export hf": """examples:
   minillm export hf runs/sft_tiny/final --out exported/sft_tiny
   minillm export hf runs/sft_tiny/final --out exported/sft_bf16 --dtype bfloat16
@@ -185,6 +188,13 @@ def _parser() -> argparse.ArgumentParser:
     export_hf.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                            help="weight dtype (auto: the checkpoint's)")
     export_hf.add_argument("--max-shard-size", default="2GB", help="larger weights are split into shards with an index")
+
+    export_onnx = command(export_commands, "onnx", "an ONNX graph (input_ids, attention_mask -> logits; any batch "
+                          "and sequence length), checked against onnxruntime", "export onnx")
+    export_onnx.add_argument("checkpoint", help="a model directory (e.g. runs/sft_tiny/final)")
+    export_onnx.add_argument("--out", required=True, help="the directory to write (model.onnx and the tokenizer)")
+    export_onnx.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
+    export_onnx.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
 
     plot = command(commands, "plot", "redraw a run's plots (plots/*.png) from its metrics.jsonl")
     plot.add_argument("run_dir", help="a run directory holding metrics.jsonl")
@@ -396,6 +406,19 @@ def _export(args: argparse.Namespace) -> int:
     from minillm.export.hf import ExportError, export_hf
     from minillm.training.checkpoint import resolve_checkpoint
 
+    if args.export_command == "onnx":
+        from minillm.export.onnx import export_onnx
+
+        try:
+            out, check = export_onnx(resolve_checkpoint(args.checkpoint), args.out, opset=args.opset,
+                                     check=not args.no_check)
+        except ExportError as e:
+            print(f"minillm export onnx: error: {args.checkpoint}: {e}", file=sys.stderr)
+            return 2
+        checked = (f"; onnxruntime matches PyTorch within {check.max_abs_diff:.1e} on (batch, length) "
+                   f"{check.shapes}" if check else "")
+        print(f"wrote {out / 'model.onnx'}{checked}")
+        return 0
     try:
         out = export_hf(resolve_checkpoint(args.checkpoint), args.out, dtype=args.dtype,
                         max_shard_size=args.max_shard_size)

@@ -28,10 +28,12 @@ by field.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -244,11 +246,8 @@ def _parse_size(size: int | str) -> int:
     return int(text)
 
 
-def export_hf(checkpoint: str | Path | MiniGPT, out_dir: str | Path, tokenizer: Any = None,
-              dtype: str = "auto", family: str | None = None, max_shard_size: int | str = "2GB") -> Path:
-    """Write `checkpoint` (a model directory, or a `MiniGPT`) to `out_dir` as a native Hugging Face model
-    directory; `dtype` is `auto` (the checkpoint's), `float32`, `bfloat16` or `float16`. The directory is
-    assembled under a temporary name and renamed into place."""
+def load_for_export(checkpoint: str | Path | MiniGPT, tokenizer: Any = None) -> tuple[MiniGPT, Any]:
+    """The model to export (LoRA merged, on a copy) and its tokenizer (the checkpoint's when not given)."""
     if isinstance(checkpoint, MiniGPT):
         model = checkpoint
     else:
@@ -261,6 +260,32 @@ def export_hf(checkpoint: str | Path | MiniGPT, out_dir: str | Path, tokenizer: 
         from minillm.model.lora import merge_lora
 
         model = merge_lora(copy.deepcopy(model))
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: Path) -> Iterator[Path]:
+    """A temporary sibling of `out_dir` to write into; it replaces `out_dir` only if the block succeeds,
+    so a failed or interrupted export never leaves a half-written directory."""
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_hf(checkpoint: str | Path | MiniGPT, out_dir: str | Path, tokenizer: Any = None,
+              dtype: str = "auto", family: str | None = None, max_shard_size: int | str = "2GB") -> Path:
+    """Write `checkpoint` (a model directory, or a `MiniGPT`) to `out_dir` as a native Hugging Face model
+    directory; `dtype` is `auto` (the checkpoint's), `float32`, `bfloat16` or `float16`. The directory is
+    assembled under a temporary name and renamed into place."""
+    model, tokenizer = load_for_export(checkpoint, tokenizer)
     if dtype == "auto":
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     if dtype not in DTYPES:
@@ -272,10 +297,7 @@ def export_hf(checkpoint: str | Path | MiniGPT, out_dir: str | Path, tokenizer: 
     if config["model_type"] == "gpt2":
         state = to_gpt2_state(state)
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_directory(out_dir) as tmp:
         shards = _shards(state, _parse_size(max_shard_size))
         if len(shards) == 1:
             save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -297,14 +319,7 @@ def export_hf(checkpoint: str | Path | MiniGPT, out_dir: str | Path, tokenizer: 
             generation.update(eos_token_id=stops if len(stops) > 1 else (stops or [None])[0],
                               pad_token_id=tokenizer.pad_token_id)
         atomic_write_json(tmp / "generation_config.json", generation)
-        fsync_dir(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
 
 
 # ---------------------------------------------------------------------------------------- import

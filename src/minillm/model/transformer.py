@@ -109,7 +109,7 @@ class MiniGPT(nn.Module):
                                  f"got {tuple(attention_mask.shape)}")
             if position_ids is None:  # left padding: count positions from each row's first real token
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            if bool(attention_mask.all()):
+            if not torch.compiler.is_exporting() and bool(attention_mask.all()):  # (export: no data-dependent branch)
                 attention_mask = None  # the fast causal kernel applies
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=input_ids.device).unsqueeze(0).expand(b, t)
