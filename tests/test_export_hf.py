@@ -20,6 +20,10 @@ FAMILIES = {
     "llama_biases_untied": dict(qkv_bias=True, out_bias=True, mlp_bias=True, tie_word_embeddings=False),
     "qwen2": dict(qkv_bias=True, out_bias=False),
     "qwen3": dict(qk_norm=True, head_dim=24),
+    "qwen3_moe": dict(qk_norm=True, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48),
+    "qwen3_moe_norm_topk": dict(qk_norm=True, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+                                qkv_bias=True, out_bias=True),
+    "mixtral": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, tie_word_embeddings=False),
     "gpt2": dict(norm_type="layernorm", position_embedding="learned", mlp_type="gelu", qkv_bias=True, out_bias=True,
                  mlp_bias=True, num_key_value_heads=4),
     "gpt2_untied": dict(norm_type="layernorm", position_embedding="learned", mlp_type="gelu", qkv_bias=True,
@@ -42,7 +46,8 @@ def test_exported_models_match_in_transformers(name, tokenizer, tmp_path):
     model = model_for(tokenizer, **FAMILIES[name])
     out = export_hf(model, tmp_path / "hf", tokenizer=tokenizer)
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == name.split("_")[0] == hf_family(model.config)
+    assert config["model_type"] == name.replace("_untied", "").replace("_biases", "").replace("_norm_topk", "") \
+        == hf_family(model.config)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(hf).__name__ == config["architectures"][0]
     ids = torch.tensor([tokenizer.encode("小明有3个苹果，Tom has 5 apples.")])
@@ -96,6 +101,9 @@ def test_lora_is_merged_on_export(tokenizer, tmp_path):
     (dict({**FAMILIES["gpt2"], "num_key_value_heads": 2}), "num_key_value_heads=2: GPT-2 has full multi-head"),
     (dict(qkv_bias=False, out_bias=True), "qkv_bias=False, out_bias=True"),
     (dict(qk_norm=True, qkv_bias=True, out_bias=False), "qkv_bias=True, out_bias=False"),
+    (dict(num_experts=4, norm_topk_prob=False), "norm_topk_prob=False: Mixtral always renormalises"),
+    (dict(num_experts=4, qkv_bias=True, out_bias=True), "Mixtral's attention has no biases"),
+    (dict(num_experts=4, qk_norm=True, shared_expert_intermediate_size=32), "shared_expert_intermediate_size=32"),
 ])
 def test_configs_without_a_native_counterpart_are_refused_by_field(fields, field, tokenizer, tmp_path):
     with pytest.raises(ExportError, match=field):

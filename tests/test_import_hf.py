@@ -22,6 +22,10 @@ FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(attention_bias=True, mlp_bias=True)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict()),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2,
+                                                                 moe_intermediate_size=48, norm_topk_prob=True)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
+                                                             rope_theta=1e6)),
 }
 
 
@@ -48,7 +52,8 @@ def hf_model(family: str, vocab_size: int, tied: bool = False, **extra):
 @pytest.mark.parametrize(("family", "tied", "serialization"), [
     ("llama", False, "safetensors"), ("llama", True, "sharded"), ("qwen2", False, "bin"),
     ("qwen2", True, "safetensors"), ("qwen3", False, "sharded_bin"), ("qwen3", True, "safetensors"),
-    ("gpt2", True, "safetensors"), ("gpt2", False, "bin")])
+    ("gpt2", True, "safetensors"), ("gpt2", False, "bin"), ("qwen3_moe", False, "safetensors"),
+    ("qwen3_moe", True, "sharded"), ("mixtral", False, "safetensors"), ("mixtral", True, "bin")])
 def test_hugging_face_models_load_with_the_same_logits(family, tied, serialization, tokenizer, tmp_path):
     hf = hf_model(family, len(tokenizer), tied)
     options = {"safetensors": {}, "sharded": {"max_shard_size": "100KB"},
@@ -80,6 +85,7 @@ def test_an_imported_model_fine_tunes_and_saves_as_ours(tokenizer, tmp_path):
 @pytest.mark.parametrize(("extra", "field"), [
     (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "RoPE type 'linear'"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    (dict(model_type="mixtral", sliding_window=16, max_position_embeddings=64), "sliding_window=16"),
     (dict(model_type="gpt2", activation_function="relu", n_embd=16, n_layer=1, n_head=2), "activation_function='relu'"),
 ])
 def test_what_cannot_be_computed_exactly_is_refused(extra, field, tmp_path):

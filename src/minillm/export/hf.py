@@ -8,6 +8,9 @@ config:
 - `llama`: RMSNorm, RoPE, SwiGLU, no QK-norm, biases on all four attention projections or none;
 - `qwen2`: as Llama but with biases on q/k/v and none on o;
 - `qwen3`: as Llama plus a per-head RMSNorm on q and k (QK-norm), biases on all four or none;
+- `qwen3_moe`: Qwen3 with a mixture of experts in every layer (softmax router, top-k, no shared expert);
+- `mixtral`: Llama with such a mixture of experts (no QK-norm, no biases, top-k weights renormalised);
+  its expert tensors are renamed (`block_sparse_moe.experts.E.w1|w3|w2` for gate|up|down).
 - `gpt2`: LayerNorm, learned positions, GELU (tanh) MLP, biases everywhere, full multi-head attention;
   its fused `c_attn` and the transposed `Conv1D` weights are the one translation of tensors.
 
@@ -47,17 +50,17 @@ from minillm.model.transformer import MiniGPT
 __all__ = ["DTYPES", "FAMILIES", "IMPORTABLE", "ExportError", "config_from_hf", "export_hf", "from_gpt2_state",
            "hf_config", "hf_family", "read_hf_weights", "to_gpt2_state"]
 
-FAMILIES = ("llama", "qwen2", "qwen3", "gpt2")
+FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gpt2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                  "gpt2": "GPT2LMHeadModel"}
+                  "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM", "gpt2": "GPT2LMHeadModel"}
 
 
 class ExportError(ValueError):
     """A model that cannot be exported as asked; the message names the field and the reason."""
 
 
-_NAMES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "gpt2": "GPT-2"}
+_NAMES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "qwen3_moe": "Qwen3-MoE", "mixtral": "Mixtral", "gpt2": "GPT-2"}
 
 
 def _gpt2_blockers(config: MiniGPTConfig) -> list[str]:
@@ -94,9 +97,29 @@ def _blockers(config: MiniGPTConfig, family: str) -> list[str]:
         problems.append(f"position_embedding={config.position_embedding!r}: {name} has RoPE only")
     if config.mlp_type != "swiglu":
         problems.append(f"mlp_type={config.mlp_type!r}: {name}'s MLP is SwiGLU only")
-    if config.num_experts > 0:
-        problems.append(f"num_experts={config.num_experts}: mixture-of-experts export (Qwen3-MoE, Mixtral) is "
-                        "not available yet")
+    if config.num_experts > 0 and family not in ("qwen3_moe", "mixtral"):
+        problems.append(f"num_experts={config.num_experts}: {name} has no mixture-of-experts layers (they map to "
+                        "Qwen3-MoE with qk_norm, Mixtral without)")
+    if family == "mixtral":
+        if config.num_experts == 0:
+            problems.append("num_experts=0: Mixtral needs mixture-of-experts layers")
+        if config.qk_norm:
+            problems.append("qk_norm=True: Mixtral has no q/k norm (that is Qwen3-MoE)")
+        if config.qkv_bias or config.out_bias:
+            problems.append(f"qkv_bias={config.qkv_bias}, out_bias={config.out_bias}: Mixtral's attention has no biases")
+        if not config.norm_topk_prob:
+            problems.append("norm_topk_prob=False: Mixtral always renormalises the top-k router weights")
+        if config.shared_expert_intermediate_size:
+            problems.append(f"shared_expert_intermediate_size={config.shared_expert_intermediate_size}: Mixtral has "
+                            "no shared expert")
+    if family == "qwen3_moe":
+        if config.num_experts == 0:
+            problems.append("num_experts=0: Qwen3-MoE needs mixture-of-experts layers")
+        if not config.qk_norm:
+            problems.append("qk_norm=False: Qwen3-MoE always normalises q and k per head")
+        if config.shared_expert_intermediate_size:
+            problems.append(f"shared_expert_intermediate_size={config.shared_expert_intermediate_size}: Qwen3-MoE "
+                            "has no shared expert")
     if config.mlp_bias and family != "llama":
         problems.append(f"mlp_bias=True: {name}'s MLP has no biases")
     if family == "llama" and config.qk_norm:
@@ -107,10 +130,10 @@ def _blockers(config: MiniGPTConfig, family: str) -> list[str]:
         if not config.qkv_bias or config.out_bias:
             problems.append(f"qkv_bias={config.qkv_bias}, out_bias={config.out_bias}: Qwen2 always has biases "
                             "on q, k, v and never on o")
-    if family in ("llama", "qwen3") and config.qkv_bias != config.out_bias:
+    if family in ("llama", "qwen3", "qwen3_moe", "mixtral") and config.qkv_bias != config.out_bias:
         problems.append(f"qkv_bias={config.qkv_bias}, out_bias={config.out_bias}: {name}'s attention_bias puts "
                         "a bias on q, k, v and o alike, so both must be equal (q/k/v only is Qwen2's)")
-    if config.hidden_size % config.num_attention_heads != 0 and family != "qwen3":
+    if config.hidden_size % config.num_attention_heads != 0 and family not in ("qwen3", "qwen3_moe", "mixtral"):
         problems.append(f"hidden_size={config.hidden_size} with num_attention_heads={config.num_attention_heads}: "
                         f"{name} requires hidden_size divisible by num_attention_heads")
     return problems
@@ -123,6 +146,8 @@ def hf_family(config: MiniGPTConfig) -> str:
         preferred = "gpt2"
     else:
         preferred = "qwen3" if config.qk_norm else ("qwen2" if config.qkv_bias and not config.out_bias else "llama")
+        if config.num_experts > 0:
+            preferred = "qwen3_moe" if config.qk_norm else "mixtral"
     problems = _blockers(config, preferred)
     if problems:
         raise ExportError(f"this model has no native Hugging Face counterpart (closest: {_NAMES[preferred]}, "
@@ -156,11 +181,21 @@ def hf_config(config: MiniGPTConfig, family: str | None = None, dtype: str = "fl
     }
     if family == "llama":
         data.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias, pretraining_tp=1)
+    elif family == "mixtral":
+        data.update(num_local_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+                    intermediate_size=config.moe_intermediate_size, router_aux_loss_coef=config.router_aux_loss_coef,
+                    router_jitter_noise=0.0, sliding_window=None, output_router_logits=False)
     else:
         data.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.num_hidden_layers,
                     layer_types=["full_attention"] * config.num_hidden_layers)
-        if family == "qwen3":
+        if family in ("qwen3", "qwen3_moe"):
             data["attention_bias"] = config.qkv_bias
+        if family == "qwen3_moe":
+            data.update(num_experts=config.num_experts, num_local_experts=config.num_experts,  # (transformers 5's name)
+                        num_experts_per_tok=config.num_experts_per_tok,
+                        moe_intermediate_size=config.moe_intermediate_size, norm_topk_prob=config.norm_topk_prob,
+                        decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=config.router_aux_loss_coef,
+                        output_router_logits=False)
     return data
 
 
@@ -220,6 +255,31 @@ def from_gpt2_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 out[name.replace(".attn.c_attn.", f".self_attn.{part}.")] = chunk.contiguous()
             continue
         out[name] = tensor.contiguous()
+    return out
+
+
+_MIXTRAL_RENAMES = ((".mlp.gate.", ".block_sparse_moe.gate."), (".gate_proj.", ".w1."), (".up_proj.", ".w3."),
+                    (".down_proj.", ".w2."), (".mlp.experts.", ".block_sparse_moe.experts."))
+
+
+def to_mixtral_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our MoE tensors under Mixtral's names (attention and norms keep theirs)."""
+    out = {}
+    for name, tensor in state.items():
+        if ".mlp." in name:
+            for ours, theirs in _MIXTRAL_RENAMES:
+                name = name.replace(ours, theirs)
+        out[name] = tensor
+    return out
+
+
+def from_mixtral_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in state.items():
+        if ".block_sparse_moe." in name:
+            for ours, theirs in reversed(_MIXTRAL_RENAMES):
+                name = name.replace(theirs, ours)
+        out[name] = tensor
     return out
 
 
@@ -296,6 +356,8 @@ def export_hf(checkpoint: str | Path | MiniGPT, out_dir: str | Path, tokenizer: 
         state.pop("lm_head.weight", None)  # transformers re-ties it to the embedding
     if config["model_type"] == "gpt2":
         state = to_gpt2_state(state)
+    elif config["model_type"] == "mixtral":
+        state = to_mixtral_state(state)
     out_dir = Path(out_dir)
     with staged_directory(out_dir) as tmp:
         shards = _shards(state, _parse_size(max_shard_size))
@@ -391,9 +453,29 @@ def config_from_hf(data: dict[str, Any], source: str | Path = "config.json") -> 
         tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
         initializer_range=data.get("initializer_range", 0.02),
         bos_token_id=token("bos_token_id"), eos_token_id=token("eos_token_id"), pad_token_id=token("pad_token_id"))
+    if model_type == "mixtral":
+        window = data.get("sliding_window")
+        if window is not None and window < data.get("max_position_embeddings", 2048):
+            refuse("sliding_window", "sliding-window attention is not supported")
+        if data.get("router_jitter_noise"):
+            refuse("router_jitter_noise", "router noise is not supported")
+        experts = data.get("num_local_experts") or data.get("num_experts")
+        fields.update(num_experts=experts, num_experts_per_tok=data.get("num_experts_per_tok", 2),
+                      moe_intermediate_size=data["intermediate_size"], norm_topk_prob=True,
+                      router_aux_loss_coef=data.get("router_aux_loss_coef", 0.02))
+    if model_type == "qwen3_moe":
+        if data.get("mlp_only_layers") or data.get("decoder_sparse_step", 1) != 1:
+            refuse("mlp_only_layers" if data.get("mlp_only_layers") else "decoder_sparse_step",
+                   "every layer must be a mixture-of-experts layer")
+        fields.update(num_experts=data.get("num_experts") or data["num_local_experts"], num_experts_per_tok=data.get("num_experts_per_tok", 2),
+                      moe_intermediate_size=data.get("moe_intermediate_size") or data["intermediate_size"],
+                      norm_topk_prob=bool(data.get("norm_topk_prob", False)),
+                      router_aux_loss_coef=data.get("router_aux_loss_coef", 0.001))
     if model_type == "llama":
         bias = bool(data.get("attention_bias", False))
         fields.update(qkv_bias=bias, out_bias=bias, mlp_bias=bool(data.get("mlp_bias", False)))
+    elif model_type == "mixtral":
+        pass
     elif model_type == "qwen2":
         fields.update(qkv_bias=True, out_bias=False)
     else:
@@ -428,4 +510,6 @@ def read_hf_weights(directory: str | Path, device: str = "cpu") -> dict[str, tor
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     if any(k.endswith("wte.weight") for k in state):  # GPT-2's layout
         state = from_gpt2_state(state)
+    elif any(".block_sparse_moe." in k for k in state):  # Mixtral's
+        state = from_mixtral_state(state)
     return state
