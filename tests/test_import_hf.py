@@ -69,8 +69,9 @@ def test_hugging_face_models_load_with_the_same_logits(family, tied, serializati
         assert (model(ids).logits - hf(ids).logits).abs().max().item() <= 1e-4
 
 
-def test_an_imported_model_fine_tunes_and_saves_as_ours(tokenizer, tmp_path):
-    hf_model("qwen2", len(tokenizer)).save_pretrained(tmp_path / "hf")
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gpt2"])
+def test_an_imported_model_fine_tunes_and_saves_as_ours(family, tokenizer, tmp_path):
+    hf_model(family, len(tokenizer)).save_pretrained(tmp_path / "hf")
     model = MiniGPT.from_pretrained(tmp_path / "hf")
     data = ConversationDataset(builtin_sft_conversations(16, seed=0), tokenizer, max_length=64)
     trainer = SFTTrainer(model, tokenizer, train_data=data, batch_size=8, max_steps=2, precision="fp32",
@@ -79,7 +80,42 @@ def test_an_imported_model_fine_tunes_and_saves_as_ours(tokenizer, tmp_path):
     trainer.train()
     assert trainer.evaluate(data)["val_loss"] < first
     model.save_pretrained(tmp_path / "ours")
-    assert json.loads((tmp_path / "ours" / "config.json").read_text())["qkv_bias"] is True
+    saved = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert saved["model_type"] == "minillm" and saved["qkv_bias"] is (family in ("llama", "qwen2", "gpt2"))
+
+
+def test_a_hugging_face_tokenizer_with_its_chat_template_loads(tmp_path):
+    """A byte-level BPE tokenizer saved by transformers with a Qwen-style ChatML template: our tokenizer
+    reads it, its chat ids equal transformers', and the assistant mask covers the reply and its end token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from minillm.data.builtin import builtin_corpus
+    from minillm.data.formats import Message
+    from minillm.tokenizer import BPETokenizer
+    from minillm.tokenizer.chat import encode_chat
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(builtin_corpus(300), trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    template = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                "{% endif %}")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                                pad_token="<|endoftext|>", chat_template=template)
+    fast.save_pretrained(tmp_path / "tok")
+    ours = BPETokenizer.from_pretrained(tmp_path / "tok")
+    messages = [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "3 + 4 = ?"},
+                {"role": "assistant", "content": "3 + 4 = 7。答案：7"}]
+    for turns, prompt in ((messages, False), (messages[:2], True)):
+        theirs = fast.apply_chat_template(turns, tokenize=True, add_generation_prompt=prompt)
+        theirs = theirs["input_ids"] if hasattr(theirs, "keys") else theirs
+        assert list(theirs) == ours.apply_chat_template(turns, add_generation_prompt=prompt)
+    ids, mask = encode_chat(ours, [Message(**m) for m in messages])
+    assert ours.decode([i for i, m in zip(ids, mask) if m]) == "3 + 4 = 7。答案：7<|im_end|>"
+    assert (ours.eos_token_id, ours.pad_token_id) == (2, 0)
 
 
 @pytest.mark.parametrize(("extra", "field"), [
