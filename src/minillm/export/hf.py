@@ -23,10 +23,10 @@ template's end-of-turn token are written beside them.
     from minillm.export.hf import export_hf
     export_hf("runs/sft_tiny/final", "out/hf")      # AutoModelForCausalLM.from_pretrained("out/hf")
 
-The other way, `MiniGPT.from_pretrained` reads Llama, Qwen2 and Qwen3 directories (`config_from_hf`,
+The other way, `MiniGPT.from_pretrained` reads directories of all six families (`config_from_hf`,
 `read_hf_weights`: safetensors or PyTorch weights loaded with `weights_only=True`, sharded or not);
-what our model cannot compute exactly (scaled RoPE, sliding windows, another activation) is refused
-by field.
+what our model cannot compute exactly (scaled RoPE, sliding windows, another activation, router
+noise) is refused by field.
 """
 
 from __future__ import annotations
