@@ -403,31 +403,34 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from minillm.export.hf import ExportError, export_hf
+    from minillm.export.hf import ExportError
+
+    try:
+        return _export_onnx(args) if args.export_command == "onnx" else _export_hf(args)
+    except ExportError as e:  # named with the checkpoint it is about
+        print(f"minillm export {args.export_command}: error: {args.checkpoint}: {e}", file=sys.stderr)
+        return 2
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    from minillm.export.hf import export_hf
     from minillm.training.checkpoint import resolve_checkpoint
 
-    if args.export_command == "onnx":
-        from minillm.export.onnx import export_onnx
-
-        try:
-            out, check = export_onnx(resolve_checkpoint(args.checkpoint), args.out, opset=args.opset,
-                                     check=not args.no_check)
-        except ExportError as e:
-            print(f"minillm export onnx: error: {args.checkpoint}: {e}", file=sys.stderr)
-            return 2
-        checked = (f"; onnxruntime matches PyTorch within {check.max_abs_diff:.1e} on (batch, length) "
-                   f"{check.shapes}" if check else "")
-        print(f"wrote {out / 'model.onnx'}{checked}")
-        return 0
-    try:
-        out = export_hf(resolve_checkpoint(args.checkpoint), args.out, dtype=args.dtype,
-                        max_shard_size=args.max_shard_size)
-    except ExportError as e:
-        print(f"minillm export hf: error: {args.checkpoint}: {e}", file=sys.stderr)
-        return 2
+    out = export_hf(resolve_checkpoint(args.checkpoint), args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     print(f"wrote {out}: {config['architectures'][0]} ({config['model_type']}, {config['dtype']}); load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from minillm.export.onnx import export_onnx
+    from minillm.training.checkpoint import resolve_checkpoint
+
+    out, check = export_onnx(resolve_checkpoint(args.checkpoint), args.out, opset=args.opset, check=not args.no_check)
+    checked = (f"; onnxruntime matches PyTorch within {check.max_abs_diff:.1e} on (batch, length) {check.shapes}"
+               if check else "")
+    print(f"wrote {out / 'model.onnx'}{checked}")
     return 0
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from minillm.data.builtin import check_answer
 from minillm.data.formats import Message
+from minillm.data.loader import pad_collate
 from minillm.model.transformer import eval_mode
 from minillm.tokenizer.chat import encode_chat
 
@@ -82,13 +83,11 @@ class RewardModelScorer:
             messages = [Message(m["role"], m["content"]) for m in prompt] + [Message("assistant", completion)]
             rows.append(encode_chat(self.tokenizer, messages)[0][-self.max_length:])
         scores: list[float] = []
-        pad = self.tokenizer.pad_token_id or 0
+        collate = pad_collate(self.tokenizer.pad_token_id or 0)
         with eval_mode(self.model):
             for start in range(0, len(rows), self.batch_size):
-                chunk = rows[start:start + self.batch_size]
-                width = max(map(len, chunk))
-                ids = torch.tensor([r + [pad] * (width - len(r)) for r in chunk], device=device)
-                mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in chunk], device=device)
+                batch = collate([{"input_ids": torch.tensor(r)} for r in rows[start:start + self.batch_size]])
+                ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
                 with self.autocast() if self.autocast is not None else torch.autocast(device.type, enabled=False):
                     scores.extend(self.model.rewards(ids, attention_mask=mask).float().tolist())
         return scores

@@ -15,25 +15,22 @@ resumed mid-rollout continues with the very same samples.
 from __future__ import annotations
 
 import copy
-import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from minillm.data.formats import DataError, PromptRecord, to_prompt
-from minillm.data.loader import BatchLoader
+from minillm.data.loader import BatchLoader, pad_collate
 from minillm.inference.generator import GenerationConfig, TextGenerator
 from minillm.model.transformer import eval_mode
 from minillm.rl.reward import RewardFunction, compute_rewards, resolve_reward_function
 from minillm.tokenizer.chat import encode_chat
 from minillm.training.objectives import token_logps
 from minillm.training.trainer import Trainer, TrainingConfig
-
-logger = logging.getLogger("minillm.rl")
 
 __all__ = ["RLTrainer", "RolloutConfig", "RolloutSource", "as_prompt_records"]
 
@@ -67,10 +64,6 @@ class RolloutConfig:
     @property
     def sequences(self) -> int:
         return self.prompts_per_rollout * self.samples_per_prompt
-
-    @classmethod
-    def field_names(cls) -> set[str]:
-        return {f.name for f in fields(cls)}
 
 
 def as_prompt_records(prompts: Sequence[Any], what: str = "prompts") -> list[PromptRecord]:
@@ -240,13 +233,12 @@ class RLTrainer(Trainer):
                                 stop_token_ids=self._stop_ids)
 
     def _rewards(self, records: list[PromptRecord], replies: list[list[int]],
-                 repeat: int) -> tuple[torch.Tensor, dict[str, float], list[str]]:
+                 repeat: int) -> tuple[torch.Tensor, dict[str, float]]:
         completions = [self.tokenizer.decode(r, skip_special_tokens=True) for r in replies]
         prompts = [[m.to_dict() for m in r.prompt] for r in records for _ in range(repeat)]
         names = sorted({k for r in records for k in r.columns})
         columns = {k: [r.columns.get(k) for r in records for _ in range(repeat)] for k in names}
-        scores, means = compute_rewards(self.reward_functions, self.reward_weights, prompts, completions, columns)
-        return scores, means, completions
+        return compute_rewards(self.reward_functions, self.reward_weights, prompts, completions, columns)
 
     # ------------------------------------------------------------------ one rollout
     @torch.no_grad()
@@ -256,18 +248,13 @@ class RLTrainer(Trainer):
         rows = [ids for ids in (self._prompt_ids(r) for r in records) for _ in range(group)]
         seed = self.config.seed * 7_919 + index * 1_000
         replies = self._sample(rows, self._generation_config(greedy=False), seed)
-        scores, reward_means, _ = self._rewards(records, replies, group)
+        scores, reward_means = self._rewards(records, replies, group)
         stopped = torch.tensor([bool(r) and r[-1] in self._stop_ids for r in replies])
-        width = max(len(p) + len(r) for p, r in zip(rows, replies))
-        pad = self.tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (p, r) in enumerate(zip(rows, replies)):
-            input_ids[i, :len(p) + len(r)] = torch.tensor(p + r)
-            labels[i, len(p):len(p) + len(r)] = torch.tensor(r, dtype=torch.long)
-            attention_mask[i, :len(p) + len(r)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        # prompt + reply as one right-padded row, labelled on the reply only
+        batch = pad_collate(self.tokenizer.pad_token_id or 0)(
+            [{"input_ids": torch.tensor(p + r), "labels": torch.tensor([-100] * len(p) + r)}
+             for p, r in zip(rows, replies)])
+        labels = batch["labels"]
         batch["old_logps"], values = self._score(self.base_model, batch, with_values=self.uses_values)
         if values is not None:
             batch["old_values"] = values
@@ -315,7 +302,7 @@ class RLTrainer(Trainer):
             raise ValueError("no evaluation prompts given")
         replies = self._sample([self._prompt_ids(r) for r in records], self._generation_config(greedy=True), None,
                                default_chunk=max(self.rollout.sequences, 64))  # any number of prompts
-        scores, means, _ = self._rewards(records, replies, 1)
+        scores, means = self._rewards(records, replies, 1)
         return {"val_reward": float(scores.mean()), **{f"val_{k}": v for k, v in means.items()}}
 
     def _selection_score(self, result: dict[str, float]) -> float:

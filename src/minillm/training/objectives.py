@@ -327,6 +327,21 @@ def _reply_count(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
+def _clipped_surrogate(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float, clip_low: float,
+                       clip_high: float | None = None):
+    """What PPO and GRPO share: one forward, the reply tokens' log-probabilities at the sampling
+    temperature, the clipped surrogate per token, and the metrics both report (summed over reply tokens).
+    Returns (model output, log-probs, float reply mask, surrogate, log ρ, metrics)."""
+    out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    logps, mask = token_logps(out.logits, batch["labels"], temperature)
+    pg, clipped = clipped_policy_loss(logps, batch["old_logps"], batch["advantages"], clip_low, clip_high)
+    m = mask.float()
+    log_ratio = (logps - batch["old_logps"]).detach()
+    metrics = {"policy_loss": (pg.detach() * m).sum(), "clipfrac": (clipped.float() * m).sum(),
+               "entropy": (_entropy(out.logits) * m).sum(), "ratio": (log_ratio.exp() * m).sum()}
+    return out, logps, m, pg, log_ratio, metrics
+
+
 class PPOObjective:
     """PPO's loss on a rollout minibatch: the clipped policy surrogate plus `vf_coef` × the clipped
     value loss, per reply token. The model is a `minillm.model.heads.MiniGPTWithValueHead`: one forward
@@ -348,19 +363,12 @@ class PPOObjective:
         return _reply_count(batch)
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        logps, mask = token_logps(out.logits, batch["labels"], self.temperature)
+        out, _, m, pg, log_ratio, metrics = _clipped_surrogate(model, batch, self.temperature, self.clip_range)
         values = getattr(model, "module", model).value(out.hidden_states)[:, :-1]
-        pg, pg_clipped = clipped_policy_loss(logps, batch["old_logps"], batch["advantages"], self.clip_range)
         vf, vf_clipped = clipped_value_loss(values, batch["old_values"], batch["returns"], self.clip_range_value)
-        m = mask.float()
-        loss_sum = ((pg + self.vf_coef * vf) * m).sum()
-        log_ratio = (logps - batch["old_logps"]).detach()
-        metrics = {"policy_loss": (pg.detach() * m).sum(), "value_loss": (vf.detach() * m).sum(),
-                   "clipfrac": (pg_clipped.float() * m).sum(), "value_clipfrac": (vf_clipped.float() * m).sum(),
-                   "approx_kl": (0.5 * log_ratio ** 2 * m).sum(), "entropy": (_entropy(out.logits) * m).sum(),
-                   "ratio": (log_ratio.exp() * m).sum()}
-        return ObjectiveOutput(loss_sum=loss_sum, metrics=metrics)
+        metrics |= {"value_loss": (vf.detach() * m).sum(), "value_clipfrac": (vf_clipped.float() * m).sum(),
+                    "approx_kl": (0.5 * log_ratio ** 2 * m).sum()}
+        return ObjectiveOutput(loss_sum=((pg + self.vf_coef * vf) * m).sum(), metrics=metrics)
 
 
 class GRPOObjective:
@@ -385,15 +393,8 @@ class GRPOObjective:
         return _reply_count(batch)
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        logps, mask = token_logps(out.logits, batch["labels"], self.temperature)
-        pg, clipped = clipped_policy_loss(logps, batch["old_logps"], batch["advantages"], self.clip_low,
-                                          self.clip_high)
-        m = mask.float()
-        per_token = pg
-        metrics = {"policy_loss": (pg.detach() * m).sum(), "clipfrac": (clipped.float() * m).sum(),
-                   "entropy": (_entropy(out.logits) * m).sum(),
-                   "ratio": ((logps - batch["old_logps"]).detach().exp() * m).sum()}
+        _, logps, m, per_token, _, metrics = _clipped_surrogate(model, batch, self.temperature, self.clip_low,
+                                                                self.clip_high)
         if self.beta > 0:
             kl = kl_estimate(logps, batch["ref_logps"], "k3")
             per_token = per_token + self.beta * kl
