@@ -51,6 +51,7 @@ in the chat: /reset clears the conversation, /system TEXT sets the system prompt
   minillm plot runs/pretrain_tiny""",
     "export onnx": """examples:
   minillm export onnx runs/sft_tiny/final --out exported/sft_tiny_onnx
+  minillm export onnx runs/sft_tiny/final --out exported/sft_tiny_onnx_kv --kv-cache
 then: onnxruntime.InferenceSession("exported/sft_tiny_onnx/model.onnx").run(None, {"input_ids": ..., "attention_mask": ...})""",
     "export hf": """examples:
   minillm export hf runs/sft_tiny/final --out exported/sft_tiny
@@ -195,6 +196,9 @@ def _parser() -> argparse.ArgumentParser:
     export_onnx.add_argument("--out", required=True, help="the directory to write (model.onnx and the tokenizer)")
     export_onnx.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
     export_onnx.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    export_onnx.add_argument("--kv-cache", action="store_true",
+                             help="the graph also takes past_key_values.N.key|value and returns present.N.key|value, "
+                                  "for decoding one token per call")
 
     plot = command(commands, "plot", "redraw a run's plots (plots/*.png) from its metrics.jsonl")
     plot.add_argument("run_dir", help="a run directory holding metrics.jsonl")
@@ -427,8 +431,10 @@ def _export_onnx(args: argparse.Namespace) -> int:
     from minillm.export.onnx import export_onnx
     from minillm.training.checkpoint import resolve_checkpoint
 
-    out, check = export_onnx(resolve_checkpoint(args.checkpoint), args.out, opset=args.opset, check=not args.no_check)
+    out, check = export_onnx(resolve_checkpoint(args.checkpoint), args.out, opset=args.opset, check=not args.no_check,
+                             kv_cache=args.kv_cache)
     checked = (f"; onnxruntime matches PyTorch within {check.max_abs_diff:.1e} on (batch, length) {check.shapes}"
+               + (f" and {check.decode_steps} calls through the returned KV cache" if check.decode_steps else "")
                if check else "")
     print(f"wrote {out / 'model.onnx'}{checked}")
     return 0

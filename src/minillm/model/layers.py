@@ -74,6 +74,15 @@ class KVCache:
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.lengths = [0] * num_layers
 
+    @classmethod
+    def from_tensors(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> KVCache:
+        """A cache holding the given (B, K, S, D) past keys and values, one per layer (S may be 0); it grows
+        by concatenation (the functional form an exported graph takes and returns)."""
+        cache = cls(len(keys))
+        cache.keys, cache.values = list(keys), list(values)
+        cache.lengths = [k.shape[2] for k in keys]
+        return cache
+
     @property
     def seq_len(self) -> int:
         """Positions cached so far (read before a forward pass: layers update one after another)."""
