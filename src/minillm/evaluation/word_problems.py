@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from minillm.data.builtin import WordProblem, check_answer, heldout_word_problems
+from minillm.evaluation.results import EvalResult, markdown_table, one_line
 from minillm.inference.generator import GenerationConfig, TextGenerator
 
 
@@ -30,3 +33,37 @@ def word_problem_accuracy(generator: TextGenerator, problems: Sequence[WordProbl
         answers = generator.generate([p.question + "\n" for p in problems], config)
     accuracy = sum(check_answer(p, a) for p, a in zip(problems, answers)) / len(problems)
     return accuracy, answers
+
+
+@dataclass
+class GeneratedAnswerResult(EvalResult):
+    task: ClassVar[str] = "word_problems"
+    accuracy: float
+    n: int
+    correct: int
+    chat: bool  # asked through the chat template (else as plain text)
+    examples: list[dict[str, Any]]  # per problem: question, expected, response, correct
+    source: str = "built-in held-out word problems"
+
+    def summary(self) -> dict[str, Any]:
+        return {"accuracy": self.accuracy, "n": self.n, "correct": self.correct,
+                "prompt_format": "chat" if self.chat else "plain"}
+
+    def details(self) -> str:
+        rows = [[one_line(e["question"], 40), e["expected"], one_line(e["response"], 50), "yes" if e["correct"] else "no"]
+                for e in self.examples[:5]]
+        return markdown_table(["question (first 5)", "expected", "response", "correct"], rows)
+
+
+def evaluate_word_problems(generator: TextGenerator, problems: Sequence[WordProblem] | int = 100,
+                           chat: bool = True, max_new_tokens: int = 48) -> GeneratedAnswerResult:
+    """`word_problem_accuracy` as a result with every question, expected answer and response."""
+    if isinstance(problems, int):
+        problems = heldout_word_problems(problems)
+    if not problems:
+        raise ValueError("no word problems to evaluate (give at least one)")
+    accuracy, answers = word_problem_accuracy(generator, problems, chat, max_new_tokens)
+    examples = [{"question": p.question, "expected": p.answer, "response": a, "correct": check_answer(p, a)}
+                for p, a in zip(problems, answers)]
+    return GeneratedAnswerResult(accuracy=accuracy, n=len(examples), correct=sum(e["correct"] for e in examples),
+                                 chat=chat, examples=examples)
