@@ -1,0 +1,1 @@
+"""Benchmarks: `performance` measures training and generation speed against transformers (`minillm bench`)."""
