@@ -49,6 +49,16 @@ in the chat: /reset clears the conversation, /system TEXT sets the system prompt
   # OpenAI clients then use base_url http://127.0.0.1:8080/v1, api_key secret, model mini""",
     "plot": """examples:
   minillm plot runs/pretrain_tiny""",
+    "eval": """examples:
+  minillm eval runs/pretrain_tiny/final --perplexity data/clean/val.jsonl
+  minillm eval runs/pretrain_tiny/final --perplexity book.txt --max-length 256 --stride 128
+  minillm eval runs/sft_tiny/final --multiple-choice ceval/val --few-shot 5 --out ceval.json
+  minillm eval runs/sft_tiny/final --multiple-choice cmmlu/test/agronomy.csv --method letter
+  minillm eval runs/sft_tiny/final --word-problems 200 --references qa.jsonl --out results.json
+  minillm eval runs/pretrain_tiny/final --references prompts.jsonl --prompt-format plain
+  minillm eval runs/classifier/final --classification builtin
+  minillm eval runs/classifier/final --classification test.jsonl --vocab vocab.json
+several tasks in one call print one table each; --out saves them all as JSON""",
     "export onnx": """examples:
   minillm export onnx runs/sft_tiny/final --out exported/sft_tiny_onnx
   minillm export onnx runs/sft_tiny/final --out exported/sft_tiny_onnx_kv --kv-cache
@@ -57,9 +67,15 @@ then: onnxruntime.InferenceSession("exported/sft_tiny_onnx/model.onnx").run(None
   minillm export hf runs/sft_tiny/final --out exported/sft_tiny
   minillm export hf runs/sft_tiny/final --out exported/sft_bf16 --dtype bfloat16
 then, in Python: transformers.AutoModelForCausalLM.from_pretrained("exported/sft_tiny")""",
+    "bench": """examples:
+  minillm bench --quick                    # seconds: the tiny preset against transformers' LlamaForCausalLM
+  minillm bench --preset micro --threads 1 --out bench.json
+  minillm bench --preset mini --compile    # also a torch.compile'd copy of our model
+on a shared machine use --threads below the number of cores: a descheduled OpenMP thread stalls every op""",
     "quickstart": """examples:
-  minillm quickstart
-  minillm quickstart --out-dir runs/qs --minutes 3""",
+  minillm quickstart                       # about 10 minutes on a 2-core CPU; writes runs/quickstart/report.md
+  minillm quickstart grpo.max_steps=200    # any stage's run config key: pretrain., sft., dpo., grpo.
+  minillm quickstart --no-chat             # run again after a stop: finished stages are skipped""",
 }
 
 
@@ -180,6 +196,43 @@ def _parser() -> argparse.ArgumentParser:
                        help="requests admitted at once (one generates, the rest wait in line); more get 503")
     serve.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
 
+    evaluate = command(commands, "eval", "evaluate a checkpoint: perplexity, label-token classification, multiple "
+                       "choice (C-Eval/CMMLU), word problems, BLEU/ROUGE against references")
+    evaluate.add_argument("checkpoint", help="a model directory (e.g. runs/sft_tiny/final)")
+    evaluate.add_argument("--perplexity", action="append", metavar="FILE",
+                          help="perplexity and next-token accuracy on a text file (one document), a JSONL of "
+                               "{text} or conversations (assistant tokens scored), or a directory; repeat")
+    evaluate.add_argument("--max-length", type=int,
+                          help="perplexity window in tokens (default: the model's context)")
+    evaluate.add_argument("--stride", type=int, help="perplexity: tokens between windows (default: half a window)")
+    evaluate.add_argument("--classification", action="append", metavar="FILE_OR_builtin",
+                          help="label-token classification on a JSONL of {tokens, label}, or 'builtin' "
+                               "(held-out built-in labelled sequences); repeat")
+    evaluate.add_argument("--vocab", help="word-level vocab.json for --classification (default: the "
+                                          "checkpoint's vocab.json, or the built-in vocabulary for 'builtin')")
+    evaluate.add_argument("--multiple-choice", action="append", metavar="PATH",
+                          help="C-Eval/CMMLU CSV, JSONL, or a directory of them; repeat")
+    evaluate.add_argument("--few-shot", type=int, default=0, metavar="K", help="answered dev examples per prompt")
+    evaluate.add_argument("--dev", help="dev questions for --few-shot (default: {subject}_dev.csv beside the "
+                                        "questions or in a sibling dev/ directory)")
+    evaluate.add_argument("--method", choices=("letter", "option", "both"), default="both",
+                          help="multiple choice: the answer letter's likelihood, the option text's "
+                               "(per character), or both")
+    evaluate.add_argument("--word-problems", type=int, metavar="N",
+                          help="answer N held-out built-in word problems (greedy) and check them")
+    evaluate.add_argument("--references", action="append", metavar="FILE",
+                          help="JSONL of {prompt, reference(s)}: greedy replies scored with BLEU and ROUGE; repeat")
+    evaluate.add_argument("--prompt-format", choices=("chat", "plain"), default="chat",
+                          help="word problems and references: through the chat template (SFT models) or as "
+                               "plain text (pretrained models)")
+    evaluate.add_argument("--max-new-tokens", type=int,
+                          help="generation length (default: 48 for word problems, 128 for references)")
+    evaluate.add_argument("--bleu-tokenize", default="auto",
+                          help="sacrebleu tokenizer (auto: zh for Chinese references, else 13a)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    evaluate.add_argument("--out", help="write every result as JSON to this file")
+
     export = commands.add_parser("export", help="export a checkpoint for other tools")
     export_commands = export.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
     export_hf = command(export_commands, "hf", "a native Hugging Face model directory (Llama, Qwen2, Qwen3 or GPT-2, "
@@ -203,11 +256,23 @@ def _parser() -> argparse.ArgumentParser:
     plot = command(commands, "plot", "redraw a run's plots (plots/*.png) from its metrics.jsonl")
     plot.add_argument("run_dir", help="a run directory holding metrics.jsonl")
 
+    bench = command(commands, "bench", "training, prefill and decode speed, MFU and peak memory of presets, side by "
+                    "side with the same model in transformers")
+    from minillm.benchmarks.performance import add_arguments as bench_arguments
+
+    bench_arguments(bench)
+
     quickstart = command(commands, "quickstart",
-                         "train a tokenizer and a small model on the built-in corpus, then sample from it")
+                         "the whole pipeline on the built-in data (tokenizer, pretraining, SFT, DPO, GRPO), each "
+                         "stage evaluated, then report.md and a chat with the best model")
+    quickstart.add_argument("overrides", nargs="*", metavar="STAGE.key=value",
+                            help="override a stage's run config, e.g. grpo.max_steps=200 (stages: pretrain, sft, "
+                                 "dpo, grpo)")
     quickstart.add_argument("--out-dir", default="runs/quickstart")
-    quickstart.add_argument("--minutes", type=float, default=5.0, help="training time budget")
-    quickstart.add_argument("--preset", default="micro")
+    quickstart.add_argument("--problems", type=int, default=200,
+                            help="held-out word problems each stage answers (greedy)")
+    quickstart.add_argument("--no-chat", action="store_true",
+                            help="do not open a chat at the end (it opens only in an interactive terminal)")
     return parser
 
 
@@ -406,6 +471,86 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    tasks = ("perplexity", "classification", "multiple_choice", "word_problems", "references")
+    if not any(getattr(args, task) for task in tasks):
+        print("minillm eval: error: give at least one task: --perplexity, --classification, --multiple-choice, "
+              "--word-problems or --references", file=sys.stderr)
+        return 2
+    inputs = {"--perplexity": args.perplexity, "--multiple-choice": args.multiple_choice,
+              "--references": args.references, "--dev": [args.dev] if args.dev else [],
+              "--classification": [d for d in args.classification or [] if d != "builtin"],
+              "--vocab": [args.vocab] if args.vocab else []}
+    for flag, paths in inputs.items():  # checked before the model loads, so a typo costs no time
+        for path in paths or []:
+            if not Path(path).exists():
+                raise FileNotFoundError(f"{path}: no such file or directory ({flag})")
+
+    import torch
+
+    from minillm import evaluation
+    from minillm.inference.generator import TextGenerator
+    from minillm.model.transformer import MiniGPT
+    from minillm.tokenizer.pretrained import load_tokenizer
+    from minillm.training.checkpoint import resolve_checkpoint
+
+    directory = resolve_checkpoint(args.checkpoint)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model = MiniGPT.from_pretrained(directory, device=device)
+    needs_text = args.perplexity or args.multiple_choice or args.word_problems or args.references
+    tokenizer = load_tokenizer(directory) if needs_text else None  # a classifier may have only a vocab.json
+    chat = args.prompt_format == "chat"
+    results = []
+    try:
+        for path in args.perplexity or []:
+            results.append(evaluation.evaluate_perplexity(model, tokenizer, path, args.max_length, args.stride,
+                                                          args.batch_size))
+        for data in args.classification or []:
+            results.append(_eval_classification(model, directory, data, args.vocab, args.batch_size))
+        for path in args.multiple_choice or []:
+            results.append(evaluation.evaluate_multiple_choice(model, tokenizer, path, args.few_shot, args.dev,
+                                                               args.method, args.batch_size))
+        if args.word_problems:
+            results.append(evaluation.evaluate_word_problems(TextGenerator(model, tokenizer), args.word_problems,
+                                                             chat, args.max_new_tokens or 48))
+        for path in args.references or []:
+            results.append(evaluation.evaluate_references(TextGenerator(model, tokenizer), path, chat,
+                                                          args.max_new_tokens or 128, args.bleu_tokenize,
+                                                          args.batch_size))
+    except ValueError as e:  # bad option values (a stride longer than the window, ...); DataError included
+        print(f"minillm eval: error: {e}", file=sys.stderr)
+        return 2
+    print(evaluation.format_results(results))
+    if args.out:
+        evaluation.save_results(args.out, results, checkpoint=str(directory))
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+def _eval_classification(model, directory: Path, data: str, vocab: str | None, batch_size: int):
+    """Label-token classification on a file or on the held-out built-in sequences, with the word-level
+    vocabulary from --vocab, the checkpoint, or (for builtin data) the built-in one."""
+    from minillm.data.builtin import HELDOUT_SEED, builtin_labelled_sequences, labelled_vocab
+    from minillm.data.formats import DataError
+    from minillm.data.labelled import WordLevelTokenizer
+    from minillm.evaluation import evaluate_classification
+
+    vocab_path = Path(vocab) if vocab else directory / "vocab.json"
+    if vocab_path.is_file():
+        tokenizer = WordLevelTokenizer.from_file(vocab_path)
+    elif data == "builtin":
+        tokenizer = WordLevelTokenizer(labelled_vocab())
+    else:
+        raise DataError(f"--classification {data} needs the word-level vocabulary: give --vocab vocab.json "
+                        f"(there is no {vocab_path})")
+    if data == "builtin":
+        result = evaluate_classification(model, tokenizer, builtin_labelled_sequences(1000, seed=HELDOUT_SEED),
+                                         batch_size=batch_size)
+        result.source = "builtin (1000 held-out sequences)"
+        return result
+    return evaluate_classification(model, tokenizer, data, batch_size=batch_size)
+
+
 def _export(args: argparse.Namespace) -> int:
     from minillm.export.hf import ExportError
 
@@ -448,10 +593,18 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quickstart(args: argparse.Namespace) -> int:
-    from minillm.quickstart import run_quickstart
+def _bench(args: argparse.Namespace) -> int:
+    from minillm.benchmarks.performance import run_from_args
 
-    run_quickstart(out_dir=Path(args.out_dir), minutes=args.minutes, preset=args.preset)
+    return run_from_args(args)
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from minillm.quickstart import chat_with_best, interactive, run_quickstart
+
+    report = run_quickstart(args.out_dir, args.overrides, problems=args.problems)
+    if not args.no_chat and interactive():
+        chat_with_best(args.out_dir, report)
     return 0
 
 
@@ -459,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options too (`--max-steps 8 model.preset=micro`).
-    if args.command == "train" and all("=" in item and not item.startswith("-") for item in extra):
+    if args.command in ("train", "quickstart") and all("=" in item and not item.startswith("-") for item in extra):
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -472,8 +625,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from minillm.training.run import RunConfigError
     from minillm.training.trainer import ResumeError
 
-    handlers = {"train": _train, "generate": _generate, "chat": _chat, "quickstart": _quickstart, "data": _data, "plot": _plot,
-                "serve": _serve, "export": _export}
+    handlers = {"train": _train, "generate": _generate, "chat": _chat, "quickstart": _quickstart, "bench": _bench, "data": _data, "plot": _plot,
+                "serve": _serve, "export": _export, "eval": _eval}
     if args.command == "tokenizer":
         handler = _tokenizer_train if args.tokenizer_command == "train" else _tokenizer_eval
     else:

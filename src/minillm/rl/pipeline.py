@@ -16,27 +16,17 @@ the pipeline runs again; a stage that was stopped resumes from its newest checkp
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from minillm.io import atomic_write_json
-from minillm.training.checkpoint import latest_checkpoint
-from minillm.training.run import (
-    RunConfigError,
-    _load_yaml,
-    load_run_config,
-    resolve_config_path,
-    run_training,
-)
+from minillm.training.run import RunConfigError, _load_yaml, load_run_config, resolve_config_path, run_stage
 
 logger = logging.getLogger("minillm.rl")
 
 __all__ = ["PIPELINE_STAGES", "RLHFPipeline", "is_pipeline_config"]
 
 PIPELINE_STAGES = ("sft", "reward", "ppo")
-RESULT_FILE = "result.json"
 _TOP_KEYS = {"stage", "out_dir", "init_from", "seed", "precision", *PIPELINE_STAGES}
 _SHARED_KEYS = ("seed", "precision")
 
@@ -132,19 +122,6 @@ class RLHFPipeline:
         """Run every stage not yet done, in order; returns each stage's result."""
         results = {}
         for name in PIPELINE_STAGES:
-            stage_dir = self.stage_dir(name)
-            done = stage_dir / RESULT_FILE
-            if done.is_file():
-                logger.info("rlhf: stage %s already done (%s); skipped", name, done)
-                results[name] = json.loads(done.read_text(encoding="utf-8"))
-                continue
-            config = copy.deepcopy(self.configs[name])
-            checkpoint = latest_checkpoint(stage_dir) if stage_dir.is_dir() else None
-            if checkpoint is not None:
-                logger.info("rlhf: stage %s resumes from %s", name, checkpoint)
-                config["resume"] = str(checkpoint)
-            logger.info("rlhf: stage %s → %s", name, stage_dir)
-            result = run_training(config)
-            atomic_write_json(done, result)
-            results[name] = result
+            logger.info("rlhf: stage %s → %s", name, self.stage_dir(name))
+            results[name] = run_stage(self.configs[name])
         return results

@@ -539,6 +539,27 @@ def estimate_run_memory(config: dict[str, Any], device: str | None = None) -> Me
                            gradient_checkpointing=model_config.gradient_checkpointing or memory.gradient_checkpointing)
 
 
+RESULT_FILE = "result.json"
+
+
+def run_stage(config: dict[str, Any]) -> dict[str, Any]:
+    """Run `config` as one stage of a pipeline: once it finished it wrote `out_dir/result.json` and is not
+    run again (its result is read back); once stopped it resumes from its newest checkpoint."""
+    out_dir = Path(config["out_dir"])
+    done = out_dir / RESULT_FILE
+    if done.is_file():
+        logger.info("%s: already done (%s); skipped", out_dir, done)
+        return json.loads(done.read_text(encoding="utf-8"))
+    config = copy.deepcopy(config)
+    checkpoint = latest_checkpoint(out_dir) if out_dir.is_dir() else None
+    if checkpoint is not None:
+        logger.info("%s: resumes from %s", out_dir, checkpoint)
+        config["resume"] = str(checkpoint)
+    result = run_training(config)
+    atomic_write_json(done, result)
+    return result
+
+
 def run_training(config: dict[str, Any]) -> dict[str, Any]:
     """Run the stage described by `config` (see `load_run_config`); returns the final metrics."""
     started = time.time()
