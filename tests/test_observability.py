@@ -81,9 +81,9 @@ def test_metrics_logger_without_out_dir_or_tensorboard(tmp_path, monkeypatch, ca
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     monkeypatch.setattr(logging_module, "_warned_no_tensorboard", False)
     with caplog.at_level(logging.WARNING, logger="minillm.training"):
-        for _ in range(2):
-            logger = MetricsLogger(tmp_path, total_steps=3, progress=False)
-            logger.log({"step": 1, "loss": 1.0})
+        for step in range(2):  # a run and its resumption
+            logger = MetricsLogger(tmp_path, total_steps=3, initial_step=step, progress=False)
+            logger.log({"step": step + 1, "loss": 1.0})
             logger.close()
     assert sum("TensorBoard logging is off" in r.getMessage() for r in caplog.records) == 1
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
@@ -224,3 +224,21 @@ def test_measuring_the_peak_leaves_the_global_rng_alone(tmp_path, monkeypatch):
     cpu_bf16_is_fast.cache_clear()
     cpu_bf16_is_fast()
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_metrics_of_steps_after_the_resume_point_are_not_kept_twice(tmp_path):
+    """A run killed at step 30 after saving step 20 logs 21..30 again when resumed; a fresh run into the
+    same directory starts a new file."""
+    logger = MetricsLogger(tmp_path, total_steps=30, progress=False)
+    for record in _train_records():
+        logger.log(record)
+    logger.close()
+    with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 31, "lo')  # a line cut by the kill
+    resumed = MetricsLogger(tmp_path, total_steps=40, initial_step=20, progress=False)
+    resumed.log({"step": 30, "loss": 2.5})
+    resumed.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in lines] == [(10, 4.0), (20, 3.0), (30, 2.5)]
+    MetricsLogger(tmp_path, total_steps=5, progress=False).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == ""

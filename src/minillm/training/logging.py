@@ -17,6 +17,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from minillm.io import atomic_write_text
+
 log = logging.getLogger("minillm.training")
 
 # Fields that are not series of their own: the x axis and the wall clock.
@@ -49,6 +51,24 @@ def _open_summary_writer(log_dir: Path, initial_step: int) -> Any | None:
     return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step, flush_secs=30)
 
 
+def _drop_records_after(path: Path, step: int) -> None:
+    """Keep only the records of steps up to `step` in an existing metrics file: a run resumed from step N
+    logs steps after N again, and a fresh run (step 0) into a used directory starts a new curve."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record_step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a line cut by a crash
+        if isinstance(record_step, (int, float)) and record_step <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
 class MetricsLogger:
     """Appends one JSON object per line to `metrics.jsonl` (flushed per record, so a crash loses nothing
     already logged), writes the numeric fields to TensorBoard and drives the progress bar."""
@@ -61,6 +81,7 @@ class MetricsLogger:
         self.path = self.out_dir / "metrics.jsonl" if self.out_dir is not None else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _drop_records_after(self.path, initial_step)
         self._file = open(self.path, "a", encoding="utf-8") if self.path is not None else None
         self.tensorboard_dir = self.out_dir / "tensorboard" if self.out_dir is not None and tensorboard else None
         self._tb = _open_summary_writer(self.tensorboard_dir, initial_step) \
