@@ -1,5 +1,5 @@
 """`minillm quickstart` end to end: the whole pipeline with the shipped configs and its report card
-(slow: about 10 minutes on a 2-core CPU)."""
+(slow: about 8 minutes on a 2-core CPU)."""
 
 import json
 import re

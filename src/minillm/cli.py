@@ -73,7 +73,7 @@ then, in Python: transformers.AutoModelForCausalLM.from_pretrained("exported/sft
   minillm bench --preset mini --compile    # also a torch.compile'd copy of our model
 on a shared machine use --threads below the number of cores: a descheduled OpenMP thread stalls every op""",
     "quickstart": """examples:
-  minillm quickstart                       # about 10 minutes on a 2-core CPU; writes runs/quickstart/report.md
+  minillm quickstart                       # about 8 minutes on a 2-core CPU; writes runs/quickstart/report.md
   minillm quickstart grpo.max_steps=200    # any stage's run config key: pretrain., sft., dpo., grpo.
   minillm quickstart --no-chat             # run again after a stop: finished stages are skipped""",
 }
