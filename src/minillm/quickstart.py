@@ -27,13 +27,14 @@ from typing import Any
 import torch
 
 import minillm
-from minillm.data.builtin import builtin_corpus, heldout_word_problems
+from minillm.data.builtin import builtin_corpus
 from minillm.evaluation.perplexity import evaluate_perplexity
-from minillm.evaluation.word_problems import word_problem_accuracy
+from minillm.evaluation.word_problems import evaluate_word_problems
 from minillm.inference.generator import GenerationConfig, TextGenerator
 from minillm.io import atomic_write_json, atomic_write_text
 from minillm.model.transformer import MiniGPT
 from minillm.tokenizer import BPETokenizer
+from minillm.training.mfu import device_name
 from minillm.training.run import RunConfigError, load_run_config, run_stage
 from minillm.training.trainer import resolve_precision
 
@@ -107,12 +108,11 @@ def evaluate_stage(stage: Stage, stage_dir: Path, problems: int, held_out_text: 
     model = MiniGPT.from_pretrained(stage_dir / "final").eval()
     tokenizer = BPETokenizer.from_pretrained(stage_dir / "final")
     generator = TextGenerator(model, tokenizer)
-    heldout = heldout_word_problems(problems)
-    accuracy, answers = word_problem_accuracy(generator, heldout, chat=stage.chat)
+    answered = evaluate_word_problems(generator, problems, chat=stage.chat)
     result: dict[str, Any] = {
-        "problems": problems, "accuracy": accuracy, "format": "chat" if stage.chat else "plain text",
-        "examples": [{"question": p.question, "answer": a.strip(), "expected": p.answer}
-                     for p, a in list(zip(heldout, answers))[:3]],
+        "problems": problems, "accuracy": answered.accuracy, "format": "chat" if stage.chat else "plain text",
+        "examples": [{"question": e["question"], "answer": e["response"].strip(), "expected": e["expected"]}
+                     for e in answered.examples[:3]],
     }
     text = evaluate_perplexity(model, tokenizer, held_out_text)
     result.update(heldout_text_loss=text.loss, heldout_text_perplexity=text.perplexity,
@@ -132,18 +132,12 @@ def evaluate_stage(stage: Stage, stage_dir: Path, problems: int, held_out_text: 
 
 
 def environment() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision("auto", torch.device(device))
     return {
         "minillm": minillm.__version__, "python": platform.python_version(), "torch": torch.__version__,
-        "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "platform": platform.platform(), "cpu": device_name("cpu"), "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(), "device": device_name(device) if device == "cuda" else "cpu",
         "precision": str(precision or torch.float32).removeprefix("torch."),
     }
 

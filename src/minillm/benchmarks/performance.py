@@ -61,6 +61,7 @@ from minillm.inference import GenerationConfig, TextGenerator
 from minillm.io import atomic_write_json
 from minillm.model import PRESETS, KVCache, MiniGPT, MiniGPTConfig
 from minillm.model.config import ConfigError
+from minillm.training.memory import resident_bytes, step_peak_bytes
 from minillm.training.mfu import datasheet_peak_flops, device_name, mfu, time_matmul
 from minillm.training.objectives import LanguageModelingObjective, ObjectiveOutput
 from minillm.training.trainer import Trainer, TrainingConfig
@@ -144,43 +145,6 @@ def cpu_pressure() -> float | None:
         return float(dict(field.split("=", 1) for field in fields)["avg10"]) / 100
     except (OSError, ValueError, KeyError):
         return None
-
-
-def _step_peak_bytes(step: Callable[[], Any], device: torch.device) -> int | None:
-    """Peak tensor bytes allocated by `step()` above what was allocated before it (None: not measurable
-    on this device)."""
-    if device.type == "cuda":
-        _synchronize(device)
-        start = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        _synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - start
-    if device.type != "cpu":
-        step()
-        return None
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    # Every CPU allocation event carries the running total allocated since profiling began.
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    peak, events = 0, list(prof.profiler.kineto_results.experimental_event_tree())
-    while events:
-        event = events.pop()
-        events.extend(event.children)
-        if event.typed[0] == _EventType.Allocation and event.typed[1].device.type == "cpu":
-            peak = max(peak, event.typed[1].total_allocated)
-    return peak
-
-
-def _resident_bytes(trainer: Trainer) -> int:
-    """Bytes of the weights, buffers and optimizer state: what lives across training steps."""
-    model, optimizer = trainer.base_model, trainer.optimizer
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    for state in optimizer.state.values():
-        tensors.update({id(t): t for t in state.values() if torch.is_tensor(t) and t.dim() > 0})
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 # ---------------------------------------------------------------------------------------- the twin
@@ -308,7 +272,7 @@ def compare_training(trainers: dict[str, Trainer], batches: list[dict[str, torch
                               "rounds": settings.repeats, "flops_per_token": flops_per_token,
                               "peak_flops": peak}
     for name, trainer in trainers.items():
-        transient = _step_peak_bytes(partial(run_steps, name, 1), device)
+        transient = step_peak_bytes(partial(run_steps, name, 1), device)
         step_s = statistics.median(times[name])
         tokens_per_s = tokens_per_step / step_s
         result[name] = {
@@ -316,7 +280,8 @@ def compare_training(trainers: dict[str, Trainer], batches: list[dict[str, torch
             "step_s": step_s,
             "step_s_all": times[name],
             "mfu": mfu(tokens_per_s, flops_per_token, peak),
-            "peak_memory_mb": None if transient is None else (_resident_bytes(trainer) + transient) / MB,
+            "peak_memory_mb": (None if transient is None
+                               else (resident_bytes(trainer.base_model, trainer.optimizer) + transient) / MB),
             "losses": [float(loss) for loss in losses[name]],
         }
     if THEIRS in trainers:

@@ -432,6 +432,18 @@ def _iter_file(file: Path) -> Iterator[tuple[int, str, Any]]:
             yield line_no, "line", obj
 
 
+def iter_json_objects(file: str | Path) -> Iterator[tuple[int, str, Any]]:
+    """`(line or item index, where, object)` for each record of a JSONL file or JSON array, for readers of
+    other record layouts; `where` is `file:line` (or `file: item i`), and a malformed line is a
+    `DataError` there."""
+    file = Path(file)
+    for line, unit, obj in _iter_file(file):
+        where = _where(file, line, unit)
+        if isinstance(obj, _Malformed):
+            raise DataError(f"{where}: {obj.reason}")
+        yield line, where, obj
+
+
 def _scan(path: Path, result: LoadResult, skip_bad: bool) -> Iterator[tuple[int, Any]]:
     if result.kind and result.kind not in KINDS:
         raise ValueError(f"unknown kind {result.kind!r}; choose one of {', '.join(KINDS)} or None (auto)")

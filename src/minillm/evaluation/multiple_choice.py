@@ -34,18 +34,17 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import string
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import nn
 
-from minillm.data.formats import DataError
+from minillm.data.formats import DataError, iter_json_objects
 from minillm.evaluation.results import EvalResult, markdown_table
 from minillm.evaluation.scoring import labelled_logprobs, next_token_logprobs
 
@@ -180,33 +179,9 @@ def _from_object(obj: Any, default_subject: str) -> tuple[str, tuple[str, ...], 
     return question.strip(), choices, _answer(obj["answer"], len(choices)), subject.strip(), str(obj.get("id", ""))
 
 
-def _json_objects(file: Path) -> Iterator[tuple[int, str, Any]]:
-    """`(line, where, object)` for each record of a JSONL file or a JSON array."""
-    try:
-        text = file.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{file}: not UTF-8 ({e.reason} at byte {e.start})") from None
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{file}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-        for i, obj in enumerate(items):
-            yield i, f"{file}: item {i}", obj
-        return
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{file}:{line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
-        yield line_no, f"{file}:{line_no}", obj
-
-
 def _read_json(file: Path) -> list[MultipleChoiceQuestion]:
     questions = []
-    for line, where, obj in _json_objects(file):
+    for line, where, obj in iter_json_objects(file):
         try:
             question, choices, answer, subject, qid = _from_object(obj, subject_of(file))
         except DataError as e:

@@ -26,6 +26,7 @@ import copy
 import os
 import resource
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,7 @@ from torch import nn
 from minillm.model.config import MiniGPTConfig
 
 __all__ = ["MemoryConfig", "MemoryEstimate", "MemoryMonitor", "activation_bytes", "count_parameters",
-           "estimate_memory", "measure_peak_training_memory"]
+           "estimate_memory", "measure_peak_training_memory", "resident_bytes", "step_peak_bytes"]
 
 MB = 1024 ** 2
 GB = 1024 ** 3
@@ -325,14 +326,49 @@ def estimate_memory(model_config: MiniGPTConfig, batch_size: int, seq_len: int, 
 
 
 # ---------------------------------------------------------------------------------------- measurement
-def _model_bytes(model: nn.Module) -> int:
+def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Bytes of the weights, buffers and (with `optimizer`) optimizer state: what lives across training
+    steps. A tensor shared by two names (a tied head) counts once."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    for state in (optimizer.state.values() if optimizer is not None else ()):
+        tensors.update({id(t): t for t in state.values() if torch.is_tensor(t) and t.dim() > 0})
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(t.numel() * t.element_size() for state in optimizer.state.values()
-               for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
+def step_peak_bytes(step: Callable[[], Any], device: str | torch.device) -> int | None:
+    """Peak tensor bytes allocated while `step()` runs, above what was allocated before it (None where
+    it cannot be measured: devices other than the CPU and CUDA).
+
+    On the CPU, torch's allocator keeps no statistics and RSS is a poor measure (glibc keeps freed
+    blocks, oneDNN has scratch pads, `ru_maxrss` cannot be reset and includes the interpreter and
+    libraries), so the step runs under `torch.profiler` with `profile_memory=True`: every CPU tensor
+    allocation is reported with the allocator's running total since profiling began, and the largest
+    total is the peak. On CUDA, `torch.cuda.max_memory_allocated` is used instead.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    if device.type != "cpu":
+        step()
+        return None
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    peak = 0
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.typed[0] == _EventType.Allocation and event.typed[1].device.type == "cpu":
+            peak = max(peak, event.typed[1].total_allocated)
+    return peak
 
 
 def measure_peak_training_memory(model: nn.Module, batch_size: int, seq_len: int,
@@ -341,19 +377,11 @@ def measure_peak_training_memory(model: nn.Module, batch_size: int, seq_len: int
     """Peak tensor bytes of one steady-state training step of `model` (a `MiniGPT`): forward, loss,
     backward and AdamW step, as `Trainer` does it. Includes the weights and the optimizer state, so it
     is comparable with `estimate_memory(...).total`. The caller's model is not changed (a copy trains).
-    `precision` "bf16"/"fp16" runs the forward pass under autocast, as the trainer does.
-
-    On the CPU, torch's allocator keeps no statistics and RSS is a poor measure (glibc keeps freed
-    blocks, oneDNN has scratch pads, `ru_maxrss` cannot be reset and includes the interpreter and
-    libraries), so the step runs under `torch.profiler` with `profile_memory=True`: every CPU tensor
-    allocation is reported with the allocator's running total since profiling began, and the largest
-    total is the step's peak over what existed before it (weights and optimizer state). One unprofiled
-    step first creates the optimizer state, so the measured step is a steady-state one. On CUDA,
-    `torch.cuda.max_memory_allocated` is used instead.
+    `precision` "bf16"/"fp16" runs the forward pass under autocast, as the trainer does. The step's own
+    peak comes from `step_peak_bytes`; one unmeasured step first creates the optimizer state, so the
+    measured step is a steady-state one.
     """
     from contextlib import nullcontext
-
-    from torch.profiler import ProfilerActivity, profile
 
     from minillm.training.objectives import LanguageModelingObjective
 
@@ -379,23 +407,4 @@ def measure_peak_training_memory(model: nn.Module, batch_size: int, seq_len: int
         optimizer.zero_grad(set_to_none=True)
 
     step()  # creates the optimizer state
-    baseline = _model_bytes(model) + _optimizer_bytes(optimizer)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        torch.cuda.synchronize(device)
-        return baseline + torch.cuda.max_memory_allocated(device) - start
-    from torch._C._profiler import _EventType
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    peak = 0
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        stack.extend(event.children)
-        if event.typed[0] == _EventType.Allocation and event.typed[1].device.type == "cpu":
-            peak = max(peak, event.typed[1].total_allocated)
-    return baseline + peak
+    return resident_bytes(model, optimizer) + step_peak_bytes(step, device)
