@@ -43,7 +43,7 @@ class ToyData(Dataset):
         return {"input_ids": self.ids[i], "labels": labels}
 
 
-def trainer(mode: str, out: Path, accum: int) -> Trainer:
+def trainer(mode: str, out: Path, accum: int, optimizer: str = "adamw") -> Trainer:
     torch.manual_seed(0)
     model = MiniGPT(MiniGPTConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   max_position_embeddings=64, tie_word_embeddings=True))
@@ -51,18 +51,20 @@ def trainer(mode: str, out: Path, accum: int) -> Trainer:
     config = TrainingConfig(batch_size=GLOBAL_BATCH // accum // world, grad_accum_steps=accum, max_steps=STEPS,
                             lr=1e-2, warmup_steps=0, grad_clip=0.5, eval_every=0, eval_batches=0,
                             save_every=3, keep_last=1, log_every=1, out_dir=str(out), seed=7,
-                            precision="fp32", progress=False, distributed=mode)
+                            precision="fp32", progress=False, distributed=mode, optimizer=optimizer,
+                            muon_lr=0.02)
     return Trainer(model, config=config, train_data=ToyData(), eval_data=ToyData(12, seed=5))
 
 
-def main(mode: str, out: Path, accum: int = 1) -> None:
-    first = trainer(mode, out, accum)
+def main(mode: str, out: Path, accum: int = 1, optimizer: str = "adamw") -> None:
+    first = trainer(mode, out, accum, optimizer)
     first.train()
-    second = trainer(mode, out / "resumed", accum)
+    second = trainer(mode, out / "resumed", accum, optimizer)
     second.resume(out / "step_3")
     second.train()
     D.cleanup()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 1)
+    main(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 1,
+         sys.argv[4] if len(sys.argv) > 4 else "adamw")

@@ -37,13 +37,13 @@ def _run(args: list[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[int, Path]:
-    """The one-process runs (global batch 8), with and without gradient accumulation."""
+def reference(tmp_path_factory) -> dict[tuple[int, str], Path]:
+    """The one-process runs (global batch 8), with and without gradient accumulation, AdamW and Muon."""
     runs = {}
-    for accum in (1, 2):
-        out = tmp_path_factory.mktemp(f"single{accum}")
-        _run([sys.executable, str(WORKER), "none", str(out), str(accum)])
-        runs[accum] = out
+    for accum, optimizer in ((1, "adamw"), (2, "adamw"), (1, "muon")):
+        out = tmp_path_factory.mktemp(f"single{accum}{optimizer}")
+        _run([sys.executable, str(WORKER), "none", str(out), str(accum), optimizer])
+        runs[accum, optimizer] = out
     return runs
 
 
@@ -68,17 +68,20 @@ def _loader_state(checkpoint: Path) -> dict:
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-@pytest.mark.parametrize(("mode", "accum"), [("ddp", 1), ("fsdp", 1), ("ddp", 2), ("fsdp", 2)])
-def test_two_ranks_match_one_process(mode, accum, reference, tmp_path):
-    """The Trainer under torchrun (2 ranks, per-rank micro-batch halved) reproduces the one-process run."""
+@pytest.mark.parametrize(("mode", "accum", "optimizer"), [
+    ("ddp", 1, "adamw"), ("fsdp", 1, "adamw"), ("ddp", 2, "adamw"), ("fsdp", 2, "adamw"),
+    ("ddp", 1, "muon"), ("fsdp", 1, "muon")])
+def test_two_ranks_match_one_process(mode, accum, optimizer, reference, tmp_path):
+    """The Trainer under torchrun (2 ranks, per-rank micro-batch halved) reproduces the one-process run;
+    with Muon, FSDP gathers each sharded matrix for the orthogonalisation."""
     out = tmp_path / mode
-    _run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(WORKER), mode, str(out), str(accum)])
-    ref = reference[accum]
+    _run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(WORKER), mode, str(out), str(accum), optimizer])
+    ref = reference[accum, optimizer]
     curve, ref_curve = _curve(out), _curve(ref)
     assert len(curve) == len(ref_curve) == 6  # 5 steps + the final validation
     loss_diff = max(abs(a - b) for a, b in zip(curve, ref_curve))
     weight_diff = _max_diff(_weights(out / "final"), _weights(ref / "final"))
-    print(f"{mode} accum={accum}: max |loss diff| {loss_diff:.2e}, max |weight diff| {weight_diff:.2e}")
+    print(f"{mode} accum={accum} {optimizer}: max |loss diff| {loss_diff:.2e}, max |weight diff| {weight_diff:.2e}")
     assert loss_diff < 1e-5
     assert weight_diff < 3e-5  # Adam turns ~1e-7 reduction-order noise into ~1e-5
     # the resume position is the one-process run's

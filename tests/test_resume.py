@@ -37,14 +37,16 @@ def steps_logged(out: Path) -> int:
     return max([json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()] or [0])
 
 
-def test_sigkill_at_a_random_step_then_resume_equals_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("recipe", [(), ("training.optimizer=muon", "training.lr_schedule=wsd")],
+                         ids=["adamw", "muon-wsd"])
+def test_sigkill_at_a_random_step_then_resume_equals_the_uninterrupted_run(tmp_path, recipe):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference = tmp_path / "reference"
-    subprocess.run(train_command(reference), check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run(train_command(reference, *recipe), check=True, env=env, capture_output=True, timeout=300)
 
     interrupted = tmp_path / "interrupted"
     kill_after = random.Random().randint(3, 13)
-    process = subprocess.Popen(train_command(interrupted), env=env, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(train_command(interrupted, *recipe), env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while steps_logged(interrupted) < kill_after and process.poll() is None and time.time() < deadline:
@@ -53,7 +55,7 @@ def test_sigkill_at_a_random_step_then_resume_equals_the_uninterrupted_run(tmp_p
     process.wait()
     assert not (interrupted / "final").exists(), "the run finished before it could be killed"
     assert rolling_checkpoints(interrupted), "a checkpoint was saved before the kill"
-    resumed = subprocess.run(train_command(interrupted, "--resume"), env=env, capture_output=True, text=True,
+    resumed = subprocess.run(train_command(interrupted, *recipe, "--resume"), env=env, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected, got = weights(reference / "final"), weights(interrupted / "final")

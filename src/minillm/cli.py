@@ -158,6 +158,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=int)
     train.add_argument("--batch-size", type=int, help="micro-batch size (training.batch_size)")
     train.add_argument("--lr", type=float, help="peak learning rate (training.lr)")
+    train.add_argument("--optimizer", choices=("adamw", "muon"),
+                       help="adamw, or muon on the hidden matrices with AdamW on the rest (training.optimizer)")
     train.add_argument("--max-length", type=int, help="tokens per window (data.max_length)")
     train.add_argument("--out-dir")
     train.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
@@ -287,7 +289,8 @@ def _train(args: argparse.Namespace) -> int:
     flags = {"model": {"preset": args.preset} if args.preset else {},
              "data": {k: v for k, v in (("source", args.data), ("max_length", args.max_length)) if v is not None},
              "tokenizer": {"path": args.tokenizer} if args.tokenizer else {},
-             "training": {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}}
+             "training": {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr),
+                                            ("optimizer", args.optimizer)) if v is not None}}
     for key in ("epochs", "max_steps", "out_dir", "precision", "seed", "resume", "distributed"):
         if getattr(args, key) is not None:
             flags[key] = getattr(args, key)
@@ -323,7 +326,7 @@ def _train_pipeline(args: argparse.Namespace) -> int:
     from minillm.training.trainer import TrainingInterrupted
 
     unsupported = [f"--{name.replace('_', '-')}" for name in (
-        "preset", "data", "tokenizer", "max_length", "batch_size", "lr", "epochs", "max_steps", "resume",
+        "preset", "data", "tokenizer", "max_length", "batch_size", "lr", "optimizer", "epochs", "max_steps", "resume",
         "distributed") if getattr(args, name, None) is not None] + (["--dry-run"] if args.dry_run else [])
     if unsupported:
         raise SystemExit(f"minillm train: {', '.join(unsupported)} cannot apply to a pipeline config (stage: rlhf); "

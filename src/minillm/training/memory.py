@@ -41,8 +41,9 @@ __all__ = ["MemoryConfig", "MemoryEstimate", "MemoryMonitor", "activation_bytes"
 MB = 1024 ** 2
 GB = 1024 ** 3
 PRECISIONS = ("fp32", "bf16", "fp16")
-# fp32 state tensors per trainable parameter
-OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "lion": 1, "sgd_momentum": 1, "sgd": 0}
+# fp32 state tensors per trainable parameter (muon: one, its momentum, on the hidden matrices; AdamW's
+# two on the rest, see `hidden_matrix_parameters`)
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "muon": 1, "lion": 1, "sgd_momentum": 1, "sgd": 0}
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -215,6 +216,20 @@ def count_parameters(config: MiniGPTConfig) -> int:
     return total
 
 
+def hidden_matrix_parameters(config: MiniGPTConfig) -> int:
+    """Parameters of the 2-D matrices inside the blocks (attention and MLP projections, routers,
+    experts): the ones Muon updates (`minillm.training.optim.is_hidden_matrix`)."""
+    c, d = config.hidden_size, config.attention_head_dim
+    q_dim, kv_dim = config.num_attention_heads * d, config.num_key_value_heads * d
+    per_matrix = 3 if config.mlp_type == "swiglu" else 2
+    if config.is_moe:
+        mlp = c * config.num_experts + config.num_experts * per_matrix * c * config.moe_intermediate_size
+        mlp += per_matrix * c * config.shared_expert_intermediate_size
+    else:
+        mlp = per_matrix * c * config.intermediate_size
+    return config.num_hidden_layers * (2 * c * q_dim + 2 * c * kv_dim + mlp)
+
+
 def _buffer_bytes(config: MiniGPTConfig) -> int:
     """The RoPE cos/sin tables (fp32, max_positions × head_dim each)."""
     if config.position_embedding != "rope":
@@ -316,10 +331,14 @@ def estimate_memory(model_config: MiniGPTConfig, batch_size: int, seq_len: int, 
         precision = "fp32"
     n = count_parameters(model_config)
     trainable = int(round(n * trainable_fraction))
+    states = trainable * OPTIMIZER_STATES[optimizer]
+    if optimizer == "muon":  # the hidden matrices keep one state, the AdamW parameters two
+        hidden = int(round(hidden_matrix_parameters(model_config) * trainable_fraction))
+        states = hidden + 2 * (trainable - hidden)
     return MemoryEstimate(
         weights=n * 4 + _buffer_bytes(model_config),
         gradients=trainable * 4,
-        optimizer=trainable * 4 * OPTIMIZER_STATES[optimizer],
+        optimizer=states * 4,
         activations=activation_bytes(model_config, batch_size, seq_len, precision, gradient_checkpointing),
         num_parameters=n, trainable_parameters=trainable, batch_size=batch_size, seq_len=seq_len,
         precision=precision, gradient_checkpointing=gradient_checkpointing)

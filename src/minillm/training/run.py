@@ -536,7 +536,8 @@ def estimate_run_memory(config: dict[str, Any], device: str | None = None) -> Me
     memory = MemoryConfig(**config["memory"])
     return estimate_memory(model_config, memory.micro_batch_size or training.batch_size,
                            int(config["data"]["max_length"]), precision=precision,
-                           gradient_checkpointing=model_config.gradient_checkpointing or memory.gradient_checkpointing)
+                           gradient_checkpointing=model_config.gradient_checkpointing or memory.gradient_checkpointing,
+                           optimizer=training.optimizer)
 
 
 RESULT_FILE = "result.json"

@@ -41,8 +41,9 @@ from minillm.training.logging import MetricsLogger
 from minillm.training.memory import MemoryConfig, MemoryMonitor
 from minillm.training.mfu import mfu_estimator, time_matmul
 from minillm.training.objectives import DPOObjective, LanguageModelingObjective, Objective, RewardObjective
+from minillm.training.optim import OPTIMIZERS, build_optimizer, parameter_groups
 from minillm.training.plots import plot_run
-from minillm.training.schedule import warmup_cosine_schedule
+from minillm.training.schedule import SCHEDULES, make_schedule
 
 __all__ = ["DPOTrainer", "LanguageModelingDataset", "PreTrainer", "RewardTrainer", "SFTTrainer", "Trainer", "TrainingConfig",
            "TrainingInterrupted", "resolve_precision"]
@@ -58,12 +59,18 @@ class TrainingConfig:
     grad_accum_steps: int = 1
     max_steps: int | None = None  # optimizer steps; None: run `epochs` passes over the data
     epochs: float = 1.0
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # the cosine schedule ends at lr · min_lr_ratio
+    optimizer: str = "adamw"  # adamw | muon (Muon on the hidden matrices, AdamW on the rest; see optim.py)
+    lr: float = 1e-3  # AdamW's peak learning rate (with muon: for embeddings, head, norms and biases)
+    lr_schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay: constant, then a linear decay at the end)
+    decay_fraction: float = 0.2  # wsd: the share of the steps spent decaying to lr · min_lr_ratio
+    min_lr_ratio: float = 0.1  # the schedule ends at lr · min_lr_ratio
     warmup_steps: int = 50
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    muon_lr: float = 0.02  # Muon's peak learning rate (the hidden matrices)
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0: no clipping
     eval_every: int = 0  # steps; 0: only at the end
     eval_batches: int = 50  # validation batches per evaluation; 0: the whole validation set
@@ -75,7 +82,7 @@ class TrainingConfig:
     precision: str = "auto"
     progress: bool = True
     distributed: str = "none"  # none | ddp | fsdp (under torchrun; `batch_size` is per process)
-    compile: bool = False  # torch.compile the model
+    compile: bool | str = False  # torch.compile the model: true | false | auto (when measured faster)
     early_stopping_patience: int = 0  # stop after this many evaluations without improvement; 0: never
     early_stopping_min_delta: float = 0.0  # a validation loss must drop by more than this to count
     optimizer_offload: bool = False  # keep AdamW state (and fp32 master weights) on the CPU; GPU only
@@ -102,6 +109,18 @@ class TrainingConfig:
             raise ValueError(f"epochs must be positive, got {self.epochs}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r} is not supported; allowed: {', '.join(OPTIMIZERS)}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} is not supported; allowed: {', '.join(SCHEDULES)}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.muon_lr <= 0:
+            raise ValueError(f"muon_lr must be positive, got {self.muon_lr}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ValueError(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if self.muon_weight_decay < 0:
+            raise ValueError(f"muon_weight_decay must be >= 0, got {self.muon_weight_decay}")
         for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "keep_last"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -245,31 +264,27 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _setup_optimizer(self, total_steps: int) -> None:
-        """AdamW with decoupled weight decay on matrices only: norms, biases and embeddings are not decayed."""
-        decay, no_decay = [], []
-        seen: set[int] = set()
-        for name, param in self.base_model.named_parameters():
-            if not param.requires_grad or id(param) in seen:
-                continue
-            seen.add(id(param))
-            is_matrix = param.dim() >= 2 and "embed" not in name
-            (decay if is_matrix else no_decay).append((name, param))
-        if not decay and not no_decay:
-            raise ValueError("the model has no trainable parameter")
+        """The optimizer (see optim.py: AdamW, or Muon on the hidden matrices plus AdamW on the rest; no
+        weight decay on norms, biases and embeddings) and the learning-rate schedule."""
         cfg = self.config
-        self._param_names = [name for name, _ in decay + no_decay]
-        params = [[p for _, p in decay], [p for _, p in no_decay]]
+        groups = parameter_groups(self.base_model.named_parameters(), cfg.optimizer)
+        if not any(named for _, named in groups):
+            raise ValueError("the model has no trainable parameter")
+        self._param_names = [name for _, named in groups for name, _ in named]
+        params = [[p for _, p in named] for _, named in groups]
         fused = self.device.type == "cuda"
         if cfg.optimizer_offload and _offload_useful(self.device):
             self._offload = _OptimizerOffload(params)
             params, fused = self._offload.master_groups, False
         elif cfg.optimizer_offload:
             logger.info("optimizer_offload has nothing to do when training on the CPU; ignored")
-        groups = [{"params": params[0], "weight_decay": cfg.weight_decay},
-                  {"params": params[1], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+        self.optimizer = build_optimizer(
+            [(key, group) for (key, _), group in zip(groups, params)], cfg.optimizer, lr=cfg.lr,
+            weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), muon_lr=cfg.muon_lr,
+            muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay, fused=fused)
         warmup = min(cfg.warmup_steps, max(total_steps // 10, 0))
-        self.scheduler = warmup_cosine_schedule(self.optimizer, warmup, total_steps, cfg.min_lr_ratio)
+        self.scheduler = make_schedule(self.optimizer, cfg.lr_schedule, warmup, total_steps, cfg.min_lr_ratio,
+                                       cfg.decay_fraction)
 
     def total_steps(self) -> int:
         if self.config.max_steps is not None:
@@ -653,14 +668,16 @@ class Trainer:
             raise ResumeError(f"cannot resume from {directory}: the training data changed "
                              f"(saved {state['data']}, now {self._data_signature()})")
         saved = state["training_config"]
-        changed = [k for k in _RUN_DEFINING_FIELDS if saved.get(k) != getattr(self.config, k)]
+        defaults = TrainingConfig()  # a checkpoint older than a field ran with its default
+        saved = {k: saved.get(k, getattr(defaults, k)) for k in _RUN_DEFINING_FIELDS}
+        changed = [k for k in _RUN_DEFINING_FIELDS if saved[k] != getattr(self.config, k)]
         if changed:
             raise ResumeError(f"cannot resume from {directory}: {', '.join(changed)} changed "
                              f"({', '.join(f'{k}: {saved.get(k)} -> {getattr(self.config, k)}' for k in changed)})")
 
 
 # Resuming with another batch size or seed would see other batches: a different run, so it is refused.
-_RUN_DEFINING_FIELDS = ("batch_size", "grad_accum_steps", "seed")
+_RUN_DEFINING_FIELDS = ("batch_size", "grad_accum_steps", "seed", "optimizer")
 _HARMLESS_MODEL_FIELDS = ("gradient_checkpointing", "extra")
 
 
