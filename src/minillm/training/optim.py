@@ -48,17 +48,18 @@ OPTIMIZERS = ("adamw", "muon")
 
 def newton_schulz(update: torch.Tensor, steps: int = 5, eps: float = 1e-7,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The quintic Newton–Schulz orthogonalisation of a 2-D `update` (see the module docstring), in `dtype`."""
+    """The quintic Newton–Schulz orthogonalisation (see the module docstring) of a matrix (..., m, n),
+    computed in `dtype`; a stack of equally shaped matrices is done in one batched product per step."""
     a, b, c = NS_COEFFICIENTS
     x = update.to(dtype)
-    tall = x.shape[0] > x.shape[1]
+    tall = x.shape[-2] > x.shape[-1]
     if tall:
-        x = x.T  # work with the wide orientation: X·Xᵀ is then the smaller Gram matrix
-    x = x / (x.norm() + eps)  # every singular value ≤ 1
+        x = x.mT  # work with the wide orientation: X·Xᵀ is then the smaller Gram matrix
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # every singular value ≤ 1
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if tall else x
+    return x.mT if tall else x
 
 
 class Muon(torch.optim.Optimizer):
@@ -97,6 +98,7 @@ class Muon(torch.optim.Optimizer):
 
     def _muon_group(self, group: dict[str, Any]) -> None:
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+        updates: dict[tuple[int, ...], list[tuple[nn.Parameter, torch.Tensor]]] = {}
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -106,11 +108,17 @@ class Muon(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - momentum)
             update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-            ns_dtype = self.ns_dtype or (torch.bfloat16 if p.device.type == "cuda" else torch.float32)
-            rows, cols = p.shape
-            orthogonal = _orthogonalise(update, group["ns_steps"], ns_dtype)
-            p.mul_(1 - lr * wd)
-            p.add_(orthogonal.to(p.dtype), alpha=-lr * math.sqrt(max(1.0, rows / cols)))
+            updates.setdefault((*p.shape, hasattr(p, "full_tensor")), []).append((p, update))
+        for (rows, cols, sharded), pairs in updates.items():
+            ns_dtype = self.ns_dtype or (torch.bfloat16 if pairs[0][0].device.type == "cuda" else torch.float32)
+            if sharded:  # FSDP: each matrix gathered whole, orthogonalised, and this rank's shard kept
+                orthogonal = [_orthogonalise_sharded(u, group["ns_steps"], ns_dtype) for _, u in pairs]
+            else:  # matrices of one shape go through Newton–Schulz together (batched products)
+                orthogonal = newton_schulz(torch.stack([u for _, u in pairs]), group["ns_steps"], dtype=ns_dtype)
+            scale = math.sqrt(max(1.0, rows / cols))
+            for (p, _), o in zip(pairs, orthogonal):
+                p.mul_(1 - lr * wd)
+                p.add_(o.to(p.dtype), alpha=-lr * scale)
 
     def _adamw_group(self, group: dict[str, Any]) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
@@ -136,11 +144,9 @@ class Muon(torch.optim.Optimizer):
              maximize=False)
 
 
-def _orthogonalise(update: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
-    """`newton_schulz(update)`, for a plain tensor or an FSDP-sharded DTensor (gathered whole, the same
-    iteration on every rank, each rank keeping its own shard of the result)."""
-    if not hasattr(update, "full_tensor"):
-        return newton_schulz(update, steps, dtype=dtype)
+def _orthogonalise_sharded(update: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
+    """`newton_schulz` of an FSDP-sharded DTensor: gathered whole, the same iteration on every rank, each
+    rank keeping its own shard of the result."""
     from torch.distributed.tensor import distribute_tensor
 
     full = newton_schulz(update.full_tensor(), steps, dtype=dtype)
