@@ -71,7 +71,15 @@ then, in Python: transformers.AutoModelForCausalLM.from_pretrained("exported/sft
   minillm bench --quick                    # seconds: the tiny preset against transformers' LlamaForCausalLM
   minillm bench --preset micro --threads 1 --out bench.json
   minillm bench --preset mini --compile    # also a torch.compile'd copy of our model
+  minillm bench race --text data/raw/tinyshakespeare.txt --threads 1   # plain recipe against ours, same size
 on a shared machine use --threads below the number of cores: a descheduled OpenMP thread stalls every op""",
+    "bench race": """examples:
+  minillm data download tinyshakespeare --out data/raw
+  minillm bench race --text data/raw/tinyshakespeare.txt --threads 1 --out race.json
+  minillm bench race --text corpus.txt --steps 500 --our-steps 200 --eval-every 20     # a shorter race
+  minillm bench race --text corpus.txt --set ours.training.muon_lr=0.03 --set ours.vocab_size=2048
+the table gives each recipe's parameters, steps, training seconds and final validation nats per character and
+bits per byte, and how long ours took to reach plain's final loss, as a ratio of plain's time""",
     "quickstart": """examples:
   minillm quickstart                       # about 8 minutes on a 2-core CPU; writes runs/quickstart/report.md
   minillm quickstart grpo.max_steps=200    # any stage's run config key: pretrain., sft., dpo., grpo.
@@ -263,6 +271,14 @@ def _parser() -> argparse.ArgumentParser:
     from minillm.benchmarks.performance import add_arguments as bench_arguments
 
     bench_arguments(bench)
+    bench_commands = bench.add_subparsers(dest="bench_command", title="subcommand", metavar="race")
+    race = command(bench_commands, "race", "train the plain recipe (nanoGPT-style: GPT-2 block, characters, AdamW) and "
+                   "ours (Llama block, BPE, Muon, warmup-stable-decay) at the same size on one text, interleaved, "
+                   "and time how long ours takes to reach plain's final validation loss per character",
+                   "bench race")
+    from minillm.benchmarks.race import add_arguments as race_arguments
+
+    race_arguments(race)
 
     quickstart = command(commands, "quickstart",
                          "the whole pipeline on the built-in data (tokenizer, pretraining, SFT, DPO, GRPO), each "
@@ -597,6 +613,10 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "race":
+        from minillm.benchmarks.race import run_from_args as run_race_from_args
+
+        return run_race_from_args(args)
     from minillm.benchmarks.performance import run_from_args
 
     return run_from_args(args)

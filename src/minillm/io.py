@@ -1,4 +1,5 @@
-"""Crash-safe file writes: a kill at any moment leaves either the old file or the new one, never half of one."""
+"""Crash-safe file writes (a kill at any moment leaves either the old file or the new one, never half of
+one) and the cache directory they often go to."""
 
 from __future__ import annotations
 
@@ -8,6 +9,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+
+def cache_root() -> Path:
+    """The per-user cache directory (trained tokenizers, autotune timings): `$MINILLM_CACHE_DIR`, else
+    `~/.cache/minillm`."""
+    return Path(os.environ.get("MINILLM_CACHE_DIR") or Path.home() / ".cache" / "minillm")
 
 
 def fsync_dir(path: str | Path) -> None:

@@ -14,7 +14,9 @@ Per preset, a random model with the micro-batch, window and vocabulary of `confi
   below); and the step's peak memory;
 - prefill: tokens/s of one forward over a `prompt_len`-token prompt that fills the KV cache;
 - decode: tokens/s of greedy decoding with `TextGenerator` after that prefill (batch 1 by default):
-  (whole generation − prefill) / (new tokens − 1), since the prefill already yields the first new token.
+  (whole generation − prefill) / (new tokens − 1), since the prefill already yields the first new token;
+  ours on the fast path (static KV cache, compiled one-token step; its compile time is reported apart)
+  and on the eager loop beside it.
 
 Where transformers is installed, its model of the same config family (`LlamaForCausalLM` for the
 Llama-like presets) is built on a copy of the same weights (`minillm.model.hf.to_transformers`) and
@@ -24,9 +26,15 @@ warm-up, and the median of `repeats` rounds is reported, so a neighbour's load o
 both alike; ratios are minillm / transformers. Sanity checks come with the numbers: both models' logits
 agree, their losses agree step by step on the same batches, and greedy decoding gives the same tokens.
 
-Precision: fp32 on the CPU (transformers' default there, and the dtype of the measured matmul peak; pass
-`dtype="bf16"` to measure what `precision: auto` picks on CPUs with native bf16); bf16 autocast on GPUs
-that support it, fp16 otherwise. Generation runs on weights in that dtype.
+Precision of the like-for-like comparison: fp32 on the CPU (transformers' default there, and the dtype of the
+measured matmul peak); bf16 autocast on GPUs that support it, fp16 otherwise (`dtype="auto"`: the trainer's
+rule without a model, `resolve_precision`). Generation runs on weights in that dtype.
+
+Default settings (`defaults=True`, the column `default`): a copy of our model in a `Trainer` configured as
+`minillm train` is by default, `precision: auto` and `compile: auto`, which the trainer decides by timing
+this very model on the benchmark's shape for a run as long as the preset's config (`RUN_STEPS`; see
+`minillm.training.autotune`), against transformers in the like-for-like comparison's precision, eager (on a
+CPU: fp32 eager, its defaults). The report prints the choices and the timings behind them.
 
 MFU's peak is the dense datasheet figure for known GPUs (`minillm.training.mfu.GPU_PEAK_FLOPS`), otherwise
 the best FLOP/s of square matmuls measured in this run (once per timing round, the best kept, so the first
@@ -61,15 +69,18 @@ from minillm.inference import GenerationConfig, TextGenerator
 from minillm.io import atomic_write_json
 from minillm.model import PRESETS, KVCache, MiniGPT, MiniGPTConfig
 from minillm.model.config import ConfigError
+from minillm.model.layers import StaticKVCache
+from minillm.training.autotune import DTYPES
 from minillm.training.memory import resident_bytes, step_peak_bytes
 from minillm.training.mfu import datasheet_peak_flops, device_name, mfu, time_matmul
 from minillm.training.objectives import LanguageModelingObjective, ObjectiveOutput
-from minillm.training.trainer import Trainer, TrainingConfig
+from minillm.training.trainer import Trainer, TrainingConfig, resolve_precision
 
 log = logging.getLogger("minillm.benchmarks")
 
 MB = 1024**2
-OURS, THEIRS, COMPILED = "minillm", "transformers", "minillm compiled"
+OURS, THEIRS, COMPILED, DEFAULT = "minillm", "transformers", "minillm compiled", "minillm default"
+OURS_EAGER = "minillm eager"  # generation only: the eager decode loop, beside the fast path (OURS)
 
 # (micro-batch, tokens per window, tokenizer vocabulary) of configs/pretrain_<preset>.yaml, so that the
 # benchmark trains the shapes `minillm train` does; presets without a config get DEFAULT_SHAPE and their
@@ -84,9 +95,13 @@ TRAINING_SHAPES: dict[str, tuple[int, int, int]] = {
     "gpt2": (16, 1024, 32000),
 }
 DEFAULT_SHAPE = (16, 256)
+# max_steps of configs/pretrain_<preset>.yaml: the run length that `compile: auto` weighs compiling against
+RUN_STEPS = {"tiny": 300, "micro": 800, "mini": 3000, "small": 20000, "minimind-26m": 20000,
+             "minimind-moe": 20000, "gpt2": 50000}
+DEFAULT_RUN_STEPS = 1000
 # --quick: the tiny preset at a small shape, a few steps; the whole run takes seconds.
 QUICK = dict(presets=["tiny"], batch_size=8, seq_len=64, steps=2, repeats=3, warmup=1, prompt_len=16,
-             new_tokens=16)
+             new_tokens=16, fast_decode=False)  # (compiling the fast decode step alone takes longer)
 STEP_TARGET_S = 1.0  # with steps=None, each timing round takes about this long per model
 MAX_AUTO_STEPS = 50
 BUSY_PRESSURE = 0.2  # above this CPU pressure (see `cpu_pressure`) the report warns that timings are unreliable
@@ -112,6 +127,8 @@ class BenchmarkSettings:
     decode_batch: int = 1
     compare: bool | str = "auto"  # True: transformers required; "auto": where importable; False: never
     compile: bool = False  # also train a torch.compile'd copy of our model (the trainer's `compile: true`)
+    defaults: bool = True  # also train our model as `minillm train` does by default (precision, compile auto)
+    fast_decode: bool = True  # decode on the compiled fast path too (beside the eager loop)
     seed: int = 0
 
 
@@ -173,26 +190,44 @@ class TransformersLMObjective(LanguageModelingObjective):
 
 # ---------------------------------------------------------------------------------------- generation
 def compare_generation(model: MiniGPT, twin: nn.Module | None = None, batch: int = 1, prompt_len: int = 32,
-                       new_tokens: int = 128, repeats: int = 5, warmup: int = 2,
-                       seed: int = 0) -> dict[str, Any]:
+                       new_tokens: int = 128, repeats: int = 5, warmup: int = 2, seed: int = 0,
+                       fast_decode: bool = True) -> dict[str, Any]:
     """Greedy generation of `new_tokens` after a random `prompt_len`-token prompt, batch `batch`: our
     `TextGenerator` against `twin.generate` (a `transformers_twin`; None: ours alone), interleaved, medians
     of `repeats` after `warmup` untimed runs of each. Prefill (one forward filling the KV cache, logits of
-    the last position only, as each side's first step does) is timed apart in the same rounds."""
+    the last position only, as each side's first step does) is timed apart in the same rounds.
+
+    Ours is measured twice: `OURS` is the fast path (static cache, compiled one-token step; with
+    `fast_decode=False`, or where the model has no fast path, the eager loop), `OURS_EAGER` the eager loop.
+    The fast path's compile happens in the first warm-up run and is reported apart (`compile_s`), not in
+    its tokens/s; its prefill is timed into a static cache of the capacity it decodes with."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed + batch)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=generator).to(device)
     mask = torch.ones_like(ids)
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, stop_token_ids=[])
-    text_generator = TextGenerator(model)
+    eager = TextGenerator(model, fast_decode=False)
+    fast = TextGenerator(model, fast_decode=True) if fast_decode else None
+    capacity = eager._capacity(prompt_len + new_tokens - 1)
 
     @torch.inference_mode()
-    def our_prefill() -> torch.Tensor:
+    def eager_prefill() -> torch.Tensor:
         cache = KVCache(model.config.num_hidden_layers, prompt_len + new_tokens - 1)
         return model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
 
-    generate: dict[str, _Run] = {OURS: lambda: text_generator.sample_generate(ids, config)}
-    prefill: dict[str, _Run] = {OURS: our_prefill}
+    @torch.inference_mode()
+    def static_prefill() -> torch.Tensor:
+        cfg = model.config
+        cache = StaticKVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, capacity, cfg.attention_head_dim,
+                              device=device, dtype=next(model.parameters()).dtype)
+        return model(ids, past_key_values=cache, cache_position=torch.arange(prompt_len, device=device),
+                     logits_to_keep=1).logits
+
+    generate: dict[str, _Run] = {OURS_EAGER: lambda: eager.sample_generate(ids, config)}
+    prefill: dict[str, _Run] = {OURS_EAGER: eager_prefill}
+    if fast is not None:
+        generate[OURS] = lambda: fast.sample_generate(ids, config)
+        prefill[OURS] = static_prefill
     if twin is not None:
         @torch.inference_mode()
         def their_prefill() -> torch.Tensor:
@@ -205,7 +240,15 @@ def compare_generation(model: MiniGPT, twin: nn.Module | None = None, batch: int
     for module in (model, twin):
         if module is not None:
             module.eval()
-    outputs = {name: fn() for name, fn in generate.items()}  # the first warm-up, and the outputs to compare
+    outputs = {name: fn() for name, fn in generate.items()}  # the first warm-up (compiles), and the outputs
+    compile_s = fast.fast_stats.compile_seconds if fast is not None else None
+    if fast is not None and fast.fast_stats.fast_generations == 0:  # no fast path for this model
+        del generate[OURS], prefill[OURS], outputs[OURS]
+        compile_s = None
+    if OURS not in generate:  # ours is the eager loop
+        generate = {OURS: generate.pop(OURS_EAGER), **generate}
+        prefill = {OURS: prefill.pop(OURS_EAGER), **prefill}
+        outputs[OURS] = outputs.pop(OURS_EAGER)
     for i in range(max(warmup, 1)):
         for name in generate:
             prefill[name]()
@@ -218,7 +261,8 @@ def compare_generation(model: MiniGPT, twin: nn.Module | None = None, batch: int
             prefill_times[name].append(timed(prefill[name], device)[0])
             generate_times[name].append(timed(generate[name], device)[0])
 
-    result: dict[str, Any] = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens}
+    result: dict[str, Any] = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                              "fast_decode": OURS_EAGER in generate, "compile_s": compile_s}
     for name in generate:
         generate_s, prefill_s = statistics.median(generate_times[name]), statistics.median(prefill_times[name])
         decode_s = max(generate_s - prefill_s, 1e-9) / max(new_tokens - 1, 1)  # per new token after the first
@@ -233,9 +277,13 @@ def compare_generation(model: MiniGPT, twin: nn.Module | None = None, batch: int
             "prefill_s_all": prefill_times[name],
         }
     if twin is not None:
-        result["identical_outputs"] = bool(torch.equal(outputs[OURS].cpu(), outputs[THEIRS].cpu()))
+        theirs = outputs[THEIRS].cpu()
+        result["identical_outputs"] = all(torch.equal(outputs[name].cpu(), theirs) for name in outputs)
         result["ratios"] = {kind: result[OURS][f"{kind}_tokens_per_s"] / result[THEIRS][f"{kind}_tokens_per_s"]
                             for kind in ("prefill", "decode", "generate")}
+        if OURS_EAGER in result:
+            result["ratios"]["decode_eager"] = (result[OURS_EAGER]["decode_tokens_per_s"]
+                                                / result[THEIRS]["decode_tokens_per_s"])
     return result
 
 
@@ -346,7 +394,8 @@ def benchmark_preset(preset: str, settings: BenchmarkSettings,
         copy.deepcopy(model).to(dtype), None if twin is None else copy.deepcopy(twin).to(dtype))
     generation = compare_generation(*decoders, batch=settings.decode_batch, prompt_len=settings.prompt_len,
                                     new_tokens=settings.new_tokens, repeats=settings.repeats,
-                                    warmup=settings.warmup, seed=settings.seed)
+                                    warmup=settings.warmup, seed=settings.seed,
+                                    fast_decode=settings.fast_decode)
     del decoders
     if twin is not None:
         checks["identical_greedy"] = generation.pop("identical_outputs")
@@ -357,12 +406,17 @@ def benchmark_preset(preset: str, settings: BenchmarkSettings,
     if settings.compile:
         trainers[COMPILED] = Trainer(copy.deepcopy(model), config=dataclasses.replace(config, compile=True),
                                      device=settings.device)
+    if settings.defaults:
+        trainers[DEFAULT] = default_trainer(model, preset, batches, settings)
+        result["defaults"] = trainers[DEFAULT].autotune
     if twin is not None:
         trainers[THEIRS] = Trainer(twin, objective=TransformersLMObjective(), config=config,
                                    device=settings.device)
     # The trainer's own optimizer and step (not a copy of them), so the benchmark follows any change there.
     for trainer in trainers.values():
         trainer._setup_optimizer(total_steps=1000)
+    if settings.defaults and trainers[DEFAULT].autotune.get("compile", {}).get("choice") == "compiled":
+        settings = dataclasses.replace(settings, warmup=max(settings.warmup, 3))  # compiling takes the first steps
     training = compare_training(trainers, batches, settings, model.flops_per_token(seq_len), peak_flops)
     if twin is not None:
         our_losses, their_losses = training[OURS]["losses"], training[THEIRS]["losses"]
@@ -371,6 +425,16 @@ def benchmark_preset(preset: str, settings: BenchmarkSettings,
         checks["loss_steps"] = min(len(our_losses), len(their_losses))
     result.update(training=training, generation=generation, checks=checks)
     return result
+
+
+def default_trainer(model: MiniGPT, preset: str, batches: list[dict[str, torch.Tensor]],
+                    settings: BenchmarkSettings) -> Trainer:
+    """A copy of `model` in a `Trainer` configured as `minillm train` is by default: precision and compile
+    `auto`, which the trainer decides by timing this model on the batches' shape (see
+    `minillm.training.autotune`) for a run as long as the preset's config (`RUN_STEPS`)."""
+    config = TrainingConfig(precision="auto", compile="auto", progress=False, seed=settings.seed,
+                            max_steps=RUN_STEPS.get(preset, DEFAULT_RUN_STEPS))
+    return Trainer(copy.deepcopy(model), config=config, device=settings.device, train_data=batches)
 
 
 def _twin_or_reason(model: MiniGPT, compare: bool | str) -> tuple[nn.Module | None, str | None]:
@@ -394,13 +458,17 @@ def run_benchmark(presets: Sequence[str] | None = None, *, device: str = "auto",
                   batch_size: int | None = None, seq_len: int | None = None, vocab_size: int | None = None,
                   steps: int | None = None, repeats: int | None = None, warmup: int | None = None,
                   prompt_len: int | None = None, new_tokens: int | None = None, decode_batch: int = 1,
-                  compare_transformers: bool | str = "auto", dtype: str = "auto", compile: bool = False,
-                  threads: int | None = None, seed: int = 0) -> dict[str, Any]:
+                  compare_transformers: bool | str = "auto", dtype: str | None = None, compile: bool = False,
+                  defaults: bool = True, threads: int | None = None, seed: int = 0,
+                  fast_decode: bool | None = None) -> dict[str, Any]:
     """Benchmark each preset (default: `tiny` and `micro` on a CPU, `mini` and `small` on a GPU; with
     `quick`, `tiny` at a small shape) and return the settings, the matmul peak and the per-preset results
-    (see the module docstring). Arguments left None take the preset's or `quick`'s defaults; `dtype` is a
-    precision name (`auto`: fp32 on a CPU, bf16 or fp16 on a GPU); `compile` adds a torch.compile'd copy
-    of our model to the training comparison; `threads` sets torch's CPU threads."""
+    (see the module docstring). Arguments left None take the preset's or `quick`'s defaults; `dtype` is the
+    like-for-like comparison's precision (None: fp32 on a CPU, bf16 or fp16 on a GPU; `auto`: the trainer's
+    rule without a model, `resolve_precision`); `compile` adds a torch.compile'd copy of our model to the
+    training comparison, `defaults` our model as `minillm train` trains it by default (precision and compile
+    `auto`, measured on it as the trainer does); `threads` sets torch's CPU threads; `fast_decode` (default: on,
+    off with `quick`) also decodes on the compiled fast path."""
     if threads is not None:
         torch.set_num_threads(threads)
     resolved = _resolve_device(device)
@@ -420,7 +488,9 @@ def run_benchmark(presets: Sequence[str] | None = None, *, device: str = "auto",
         vocab_size=vocab_size, steps=pick(steps, "steps", None), repeats=pick(repeats, "repeats", 5),
         warmup=pick(warmup, "warmup", 2), prompt_len=pick(prompt_len, "prompt_len", 128),
         new_tokens=pick(new_tokens, "new_tokens", 128), decode_batch=decode_batch,
-        compare=compare_transformers, compile=compile, seed=seed)
+        compare=compare_transformers, compile=compile, defaults=defaults,
+        fast_decode=pick(fast_decode, "fast_decode", True),
+        seed=seed)
     if compile and warmup is None:  # compiling takes the first steps (forward, backward, recompiles)
         settings.warmup = max(settings.warmup, 3)
     for name in ("batch_size", "seq_len", "vocab_size", "steps"):
@@ -463,14 +533,16 @@ def _resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def _resolve_precision(dtype: str, device: torch.device) -> str:
-    if dtype not in PRECISION_NAMES:
+def _resolve_precision(dtype: str | None, device: torch.device) -> str:
+    """The like-for-like comparison's precision: `dtype`, where `auto` is the trainer's rule without a model
+    (`resolve_precision`); None: fp32 on a CPU (transformers' default there), that rule on a GPU."""
+    if dtype is not None and dtype not in PRECISION_NAMES:
         raise ValueError(f"dtype={dtype!r} is not supported; allowed: {', '.join(PRECISION_NAMES)}")
+    if dtype is None:
+        dtype = "fp32" if device.type == "cpu" else "auto"
     if dtype != "auto":
         return dtype
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    return next(name for name, d in DTYPES.items() if d == resolve_precision("auto", device))
 
 
 def _transformers_version() -> str | None:
@@ -503,16 +575,16 @@ def format_table(result: dict[str, Any]) -> str:
 
 def _preset_table(r: dict[str, Any]) -> list[str]:
     training, generation, checks = r["training"], r["generation"], r["checks"]
-    names = [n for n in (OURS, COMPILED, THEIRS) if n in training]
+    names = [n for n in (OURS, COMPILED, DEFAULT, THEIRS) if n in training]
     ours = [n for n in names if n != THEIRS]
     compared = THEIRS in names
     header = [f"{r['preset']}: {r['parameters'] / 1e6:.2f}M parameters, vocab {r['vocab_size']}; training "
               f"{training['batch_size']} × {training['seq_len']} tokens per step "
               f"({training['steps_per_round']} steps × {training['rounds']} rounds); prompt "
               f"{generation['prompt_len']} + {generation['new_tokens']} new tokens at batch {generation['batch']}"]
-    ratio_names = [f"ratio ({'compiled' if n == COMPILED else 'eager'})" if len(ours) > 1 else "ratio"
-                   for n in ours] if compared else []
-    columns = [n.replace(f"{OURS} ", "") if n == COMPILED else n for n in names] + ratio_names
+    kinds = {OURS: "eager", COMPILED: "compiled", DEFAULT: "default"}
+    ratio_names = [f"ratio ({kinds[n]})" if len(ours) > 1 else "ratio" for n in ours] if compared else []
+    columns = [n.replace(f"{OURS} ", "") if n != OURS else n for n in names] + ratio_names
     rows: list[tuple[str, list[str]]] = []
 
     def row(label: str, values: list[str], ratios: list[float | None]) -> None:
@@ -529,6 +601,13 @@ def _preset_table(r: dict[str, Any]) -> list[str]:
         values = [f"{generation[n][f'{kind}_tokens_per_s']:,.0f}" if n in generation else "-" for n in names]
         ratio = generation["ratios"][kind] if compared else None
         row(f"{kind} tokens/s", values, [ratio if n == OURS else None for n in ours])
+    if OURS_EAGER in generation:  # the row above is the fast path; the eager loop beside it
+        row("decode tokens/s, eager loop",
+            [f"{generation[OURS_EAGER]['decode_tokens_per_s']:,.0f}" if n == OURS else "-" for n in names],
+            [generation["ratios"]["decode_eager"] if compared and n == OURS else None for n in ours])
+    if generation.get("compile_s") is not None:
+        header.append(f"decode on the fast path (compiled in {generation['compile_s']:.1f} s, not counted "
+                      "in tokens/s)")
     width = max(len(label) for label, _ in rows)
     widths = [max(len(c), *(len(v[i]) for _, v in rows)) for i, c in enumerate(columns)]
     lines = header + ["  ".join([" " * width, *(c.rjust(w) for c, w in zip(columns, widths))])]
@@ -542,7 +621,21 @@ def _preset_table(r: dict[str, Any]) -> list[str]:
                      f"{'identical' if checks['identical_greedy'] else 'DIFFERENT'}")
     elif r.get("transformers_skipped"):
         lines.append(f"transformers: {r['transformers_skipped']}")
+    if DEFAULT in training:
+        lines.append(_defaults_line(r.get("defaults", {}), compared))
     return lines
+
+
+def _defaults_line(autotune: dict[str, Any], compared: bool) -> str:
+    """What the `default` column ran: the trainer's `auto` choices and the timings behind them."""
+    parts = []
+    for setting in ("precision", "compile"):
+        decision = autotune.get(setting, {})
+        timings = ", ".join(f"{name} {ms:.1f}" for name, ms in decision.get("ms_per_step", {}).items())
+        detail = f"{decision.get('source', '?')}: {timings} ms/step" if timings else decision.get("source", "?")
+        parts.append(f"{setting} auto -> {decision.get('choice', '?')} ({detail})")
+    against = "; ratio (default) against transformers at the comparison's precision, eager" if compared else ""
+    return f"default = minillm train's defaults: {', '.join(parts)}{against}"
 
 
 # ---------------------------------------------------------------------------------------- command line
@@ -554,8 +647,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="the tiny preset at a small shape, a few steps (seconds)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
-    parser.add_argument("--dtype", default="auto", choices=PRECISION_NAMES,
-                        help="training precision (auto: fp32 on a CPU, bf16 autocast on a GPU)")
+    parser.add_argument("--dtype", choices=PRECISION_NAMES,
+                        help="precision of the like-for-like comparison (default: fp32 on a CPU, bf16 autocast on "
+                             "a GPU; auto: the trainer's rule without a model)")
     parser.add_argument("--batch-size", type=int, help="training micro-batch (default: the preset's config)")
     parser.add_argument("--seq-len", type=int,
                         help="tokens per training sequence (default: the preset's config)")
@@ -571,6 +665,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-transformers", action="store_true", help="measure minillm alone")
     parser.add_argument("--compile", action="store_true",
                         help="also train a torch.compile'd copy of our model (`compile: true` in a run config)")
+    parser.add_argument("--no-defaults", action="store_true",
+                        help="skip training our model as `minillm train` does by default (precision and compile "
+                             "auto, measured first)")
+    parser.add_argument("--no-fast-decode", action="store_true",
+                        help="decode with the eager loop only (skips compiling the fast decode step)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
 
@@ -582,7 +681,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         vocab_size=args.vocab_size, steps=args.steps, repeats=args.repeats, prompt_len=args.prompt_len,
         new_tokens=args.new_tokens, decode_batch=args.decode_batch,
         compare_transformers=False if args.no_transformers else "auto", dtype=args.dtype, compile=args.compile,
-        threads=args.threads, seed=args.seed)
+        defaults=not args.no_defaults,
+        threads=args.threads, seed=args.seed, fast_decode=False if args.no_fast_decode else None)
     print(format_table(result))
     if args.out is not None:
         atomic_write_json(args.out, result)
@@ -599,6 +699,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_from_args(args)
 
 
-__all__ = ["OURS", "THEIRS", "TRAINING_SHAPES", "BenchmarkSettings", "TransformersLMObjective", "add_arguments",
-           "benchmark_preset", "compare_generation", "compare_training", "cpu_pressure", "format_table", "main",
+__all__ = ["DEFAULT", "OURS", "OURS_EAGER", "RUN_STEPS", "THEIRS", "TRAINING_SHAPES", "BenchmarkSettings", "TransformersLMObjective", "add_arguments",
+           "benchmark_preset", "compare_generation", "default_trainer", "compare_training", "cpu_pressure", "format_table", "main",
            "measure_matmul_peak", "run_benchmark", "run_from_args", "timed", "training_shape", "transformers_twin"]

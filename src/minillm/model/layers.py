@@ -1,7 +1,7 @@
 """The building blocks of `MiniGPT`, one class per concept, named as in Hugging Face's Llama/Qwen code.
 
-Shapes: B batch, T new tokens, S = past + T key positions, H query heads, K key/value heads,
-D head dim, C hidden size.
+Shapes: B batch, T new tokens, S = past + T key positions (S_max: a static cache's capacity), H query
+heads, K key/value heads, D head dim, C hidden size.
 """
 
 from __future__ import annotations
@@ -123,6 +123,38 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+class StaticKVCache:
+    """Keys and values in fixed-shape (B, K, S_max, D) buffers, one pair per layer, written in place at
+    positions given as a tensor (`cache_position`).
+
+    Every forward returns the whole buffers and attends through an explicit mask of the positions that
+    are filled and not padding, so a one-token decode step has the same shapes and the same Python state
+    at every position: what `torch.compile(fullgraph=True)` and CUDA graphs need. The cache keeps no
+    count of filled positions; the caller knows where it writes. Allocated once, it can be reused for
+    any number of generations of the same batch size (positions are overwritten, the mask hides the rest).
+    """
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        shape = (batch, num_kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        if torch.device(device or "cpu").type == "cuda":  # CUDA graphs may then write them in place
+            for buffer in (*self.keys, *self.values):
+                torch._dynamo.mark_static_address(buffer)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               cache_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new (B, K, T, D) keys and values at positions `cache_position` (T,); the whole buffers."""
+        self.keys[layer].index_copy_(2, cache_position, k)
+        self.values[layer].index_copy_(2, cache_position, v)
+        return self.keys[layer], self.values[layer]
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads (MHA when K = H, MQA when K = 1)."""
 
@@ -149,7 +181,8 @@ class Attention(nn.Module):
         x: torch.Tensor,  # (B, T, C)
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,  # (B, 1, T, S) bool, True = may attend; None = plain causal
-        cache: KVCache | None,
+        cache: KVCache | StaticKVCache | None,
+        cache_position: torch.Tensor | None = None,  # (T,) slots of a StaticKVCache (then `mask` is required)
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
@@ -162,7 +195,9 @@ class Attention(nn.Module):
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         past = 0
-        if cache is not None:
+        if isinstance(cache, StaticKVCache):
+            k, v = cache.update(self.layer_idx, k, v, cache_position)  # (B, K, S_max, D)
+        elif cache is not None:
             past = cache.lengths[self.layer_idx]
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
         if mask is None and t > 1 and past > 0:
@@ -250,9 +285,10 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
-        cache: KVCache | None,
+        cache: KVCache | StaticKVCache | None,
+        cache_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h = x + self._dropout(self.self_attn(self.input_layernorm(x), rope, mask, cache))
+        h = x + self._dropout(self.self_attn(self.input_layernorm(x), rope, mask, cache, cache_position))
         mlp_out = self.mlp(self.post_attention_layernorm(h))
         aux_loss = None
         if isinstance(mlp_out, tuple):

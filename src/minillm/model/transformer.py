@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from minillm.io import atomic_write, atomic_write_json
 from minillm.model.config import MiniGPTConfig
-from minillm.model.layers import DecoderLayer, KVCache, RotaryEmbedding, make_norm
+from minillm.model.layers import DecoderLayer, KVCache, RotaryEmbedding, StaticKVCache, make_norm
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -37,7 +37,7 @@ class CausalLMOutput:
     logits: torch.Tensor  # (B, T, V), or (B, logits_to_keep, V)
     loss: torch.Tensor | None = None  # mean cross-entropy over labels != -100
     aux_loss: torch.Tensor | None = None  # MoE load-balancing loss, mean over layers; None for dense models
-    past_key_values: KVCache | None = None
+    past_key_values: KVCache | StaticKVCache | None = None
     hidden_states: torch.Tensor | None = None  # (B, T, C): the final norm's output (for value/reward heads)
 
 
@@ -90,13 +90,19 @@ class MiniGPT(nn.Module):
         input_ids: torch.Tensor,  # (B, T)
         labels: torch.Tensor | None = None,  # (B, T), -100 = ignored; shifted inside, as in transformers
         attention_mask: torch.Tensor | None = None,  # (B, past + T), 1 = real token, 0 = padding
-        past_key_values: KVCache | None = None,
+        past_key_values: KVCache | StaticKVCache | None = None,
         use_cache: bool = False,
         position_ids: torch.Tensor | None = None,  # (B, T); default: derived from attention_mask or past
         logits_to_keep: int = 0,  # > 0: only the last n positions get logits (generation)
+        cache_position: torch.Tensor | None = None,  # (T,) slots of a StaticKVCache the new tokens fill
     ) -> CausalLMOutput:
         b, t = input_ids.shape
         cache = past_key_values
+        if isinstance(cache, StaticKVCache):
+            if labels is not None:
+                raise ValueError("labels are for training; a StaticKVCache is for decoding")
+            return self._forward_static(input_ids, attention_mask, cache, position_ids, logits_to_keep,
+                                        cache_position)
         if use_cache and cache is None:
             cache = KVCache(self.config.num_hidden_layers)
         past = cache.seq_len if cache is not None else 0
@@ -114,7 +120,50 @@ class MiniGPT(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=input_ids.device).unsqueeze(0).expand(b, t)
 
-        mask = self._attention_mask(attention_mask, t, past, input_ids.device)
+        mask = None
+        if attention_mask is not None or (past > 0 and t > 1):
+            query_pos = torch.arange(past, past + t, device=input_ids.device)
+            mask = self._attention_mask(attention_mask, query_pos, past + t)
+        x, aux_loss = self._decoder(input_ids, position_ids, mask, cache)
+        logits = self.lm_head(x if logits_to_keep <= 0 else x[:, -logits_to_keep:])  # (B, T, V)
+
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels)
+        return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss,
+                              past_key_values=cache if use_cache else None, hidden_states=x)
+
+    def _forward_static(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: StaticKVCache,
+                        position_ids: torch.Tensor | None, logits_to_keep: int,
+                        cache_position: torch.Tensor | None) -> CausalLMOutput:
+        """The forward over a `StaticKVCache`: the new tokens fill slots `cache_position` and attend over the
+        whole buffer through a mask, so nothing here depends on how full the cache is (a one-token step
+        compiles to one graph). `attention_mask` (B, S_max) marks padding slots with 0 (None: no padding)."""
+        b, t = input_ids.shape
+        capacity = cache.capacity
+        if cache_position is None:
+            raise ValueError("a StaticKVCache needs cache_position, the (T,) slots the new tokens fill")
+        if capacity > self.config.max_position_embeddings:
+            raise ValueError(f"a static cache of {capacity} positions exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        if attention_mask is not None and attention_mask.shape != (b, capacity):
+            raise ValueError(f"with a StaticKVCache attention_mask covers the cache, shape (batch, capacity) = "
+                             f"{(b, capacity)}, got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = cache_position.unsqueeze(0).expand(b, t)
+            else:  # left padding: count positions from each row's first real token
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, cache_position]
+        mask = self._attention_mask(attention_mask, cache_position, capacity)  # (B|1, 1, T, S_max)
+        x, aux_loss = self._decoder(input_ids, position_ids, mask, cache, cache_position)
+        logits = self.lm_head(x if logits_to_keep <= 0 else x[:, -logits_to_keep:])  # (B, T, V)
+        return CausalLMOutput(logits=logits, aux_loss=aux_loss, past_key_values=cache, hidden_states=x)
+
+    def _decoder(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
+                 cache: KVCache | StaticKVCache | None, cache_position: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embeddings, the decoder layers and the final norm: (B, T, C) hidden states, and the mean MoE
+        aux loss (None for dense models)."""
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         if self.model.embed_positions is not None:
             x = x + self.model.embed_positions(position_ids)
@@ -128,28 +177,18 @@ class MiniGPT(nn.Module):
             if use_checkpointing:
                 x, aux = checkpoint(layer, x, rope, mask, None, use_reentrant=False)
             else:
-                x, aux = layer(x, rope, mask, cache)
+                x, aux = layer(x, rope, mask, cache, cache_position)
             if aux is not None:
                 aux_losses.append(aux)
-        x = self.model.norm(x)
-        logits = self.lm_head(x if logits_to_keep <= 0 else x[:, -logits_to_keep:])  # (B, T, V)
-
-        loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels)
-        aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
-        return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss,
-                              past_key_values=cache if use_cache else None, hidden_states=x)
+        aux_loss = torch.stack(aux_losses).mean() if aux_losses else None  # MoE: the mean over layers
+        return self.model.norm(x), aux_loss
 
     @staticmethod
-    def _attention_mask(attention_mask: torch.Tensor | None, t: int, past: int,
-                        device: torch.device) -> torch.Tensor | None:
-        """A (B|1, 1, T, past + T) boolean mask, or None where SDPA's own causal masking suffices."""
-        if attention_mask is None and (past == 0 or t == 1):
-            return None
-        s = past + t
-        query_pos = torch.arange(past, s, device=device)[:, None]
-        key_pos = torch.arange(s, device=device)[None, :]
+    def _attention_mask(attention_mask: torch.Tensor | None, query_pos: torch.Tensor, s: int) -> torch.Tensor:
+        """A (B|1, 1, T, S) boolean mask: the query at key position `query_pos[i]` sees keys up to its own,
+        and (with `attention_mask`, (B, S), 0 = padding) no padding."""
+        query_pos = query_pos[:, None]
+        key_pos = torch.arange(s, device=query_pos.device)[None, :]
         mask = (key_pos <= query_pos)[None, None]  # causal: (1, 1, T, S)
         if attention_mask is not None:
             mask = mask & attention_mask.bool()[:, None, None, :]
@@ -291,10 +330,13 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     `reduction="sum"` gives the summed loss, for callers that average over a larger batch themselves
     (gradient accumulation). A batch with no label gives 0 for the mean rather than NaN.
     """
-    shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1])
-    shift_logits = shift_logits.to(torch.promote_types(shift_logits.dtype, torch.float32))
-    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
-    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+    # The labels move one step left (the last position gets -100) rather than the logits one step right:
+    # slicing (B, T, V) logits would copy all of them, the largest activation of a small model.
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_logits = flat_logits.to(torch.promote_types(flat_logits.dtype, torch.float32))
+    labels = labels.to(logits.device)
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+    total = F.cross_entropy(flat_logits, shift_labels, ignore_index=-100, reduction="sum")
     if reduction == "sum":
         return total
     return total / (shift_labels != -100).sum().clamp(min=1)

@@ -201,7 +201,10 @@ class RLTrainer(Trainer):
         self.train_loader = RolloutSource(self, as_prompt_records(prompts))
         self.eval_data = as_prompt_records(eval_prompts, "eval_prompts") if eval_prompts else None
         self.latest_rollout: dict[str, float] = {}
-        self._generator = TextGenerator(self.base_model, tokenizer)
+        # Rollouts decode a fixed batch shape over and over: on a GPU the compiled decode step pays for itself
+        # in the first rollouts; on a CPU the "auto" rule compiles once the time spent decoding would.
+        fast_decode = True if torch.device(self.device).type == "cuda" else "auto"
+        self._generator = TextGenerator(self.base_model, tokenizer, fast_decode=fast_decode)
         self._stop_ids = self._generator.chat_stop_ids()
 
     # ------------------------------------------------------------------ prompts and sampling

@@ -128,7 +128,11 @@ class _Service:
     """The endpoints' logic, over one `TextGenerator` and the worker thread that runs it."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, model_name: str, limits: ServerLimits) -> None:
-        self.generator = TextGenerator(model, tokenizer)
+        # A server lives long: on a GPU the compiled decode step (CUDA graphs) pays for its compile within a
+        # few replies; on a CPU the gain is smaller and a compile would stall the one worker for seconds, so
+        # the "auto" rule decides there.
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        self.generator = TextGenerator(model, tokenizer, fast_decode=True if on_gpu else "auto")
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.limits = limits

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from minillm.io import cache_root
+
 log = logging.getLogger("minillm.training")
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -154,8 +156,7 @@ def time_matmul(device: torch.device, dtype: torch.dtype, n: int, repeats: int =
 
 
 def _cache_path() -> Path:
-    root = os.environ.get("MINILLM_CACHE_DIR") or Path.home() / ".cache" / "minillm"
-    return Path(root) / "peak_flops.json"
+    return cache_root() / "peak_flops.json"
 
 
 def _read_cache(path: Path) -> dict[str, Any]:

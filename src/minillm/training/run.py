@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import random
 import re
 import time
@@ -45,7 +44,7 @@ from minillm.data.pretrain import (
     write_token_shards,
 )
 from minillm.data.sft import ConversationDataset
-from minillm.io import atomic_write_json, atomic_write_text
+from minillm.io import atomic_write_json, atomic_write_text, cache_root
 from minillm.model.config import ConfigError, MiniGPTConfig
 from minillm.model.heads import MiniGPTRewardModel, MiniGPTWithValueHead, is_reward_checkpoint
 from minillm.model.lora import LoRAConfig, apply_lora
@@ -298,9 +297,9 @@ def build_tokenizer(config: dict[str, Any], documents: list[str] | None) -> BPET
 
 
 def cache_dir() -> Path:
-    """Where trained tokenizers are cached: `$MINILLM_CACHE_DIR`, else `~/.cache/minillm`."""
-    root = os.environ.get("MINILLM_CACHE_DIR") or Path.home() / ".cache" / "minillm"
-    return Path(root) / "tokenizers"
+    """Where trained tokenizers are cached: `tokenizers/` in `cache_root()` (`$MINILLM_CACHE_DIR`, else
+    `~/.cache/minillm`)."""
+    return cache_root() / "tokenizers"
 
 
 def build_model(config: dict[str, Any], tokenizer: BPETokenizer) -> MiniGPT:

@@ -36,6 +36,15 @@ from minillm.io import atomic_write_json
 from minillm.model.lora import ADAPTER_WEIGHTS_FILE, load_lora_state_dict, merge_lora, save_lora
 from minillm.model.transformer import WEIGHTS_FILE, eval_mode
 from minillm.training import distributed as dist_utils
+from minillm.training.autotune import (
+    DTYPES,
+    ProbeRun,
+    adamw_fused_ok,
+    choose_compile,
+    choose_precision,
+    cpu_has_native_bf16,
+    probe_run,
+)
 from minillm.training.checkpoint import STATE_DIR, STEP_PREFIX, prune_checkpoints, save_checkpoint
 from minillm.training.logging import MetricsLogger
 from minillm.training.memory import MemoryConfig, MemoryMonitor
@@ -95,9 +104,11 @@ class TrainingConfig:
         if self.distributed not in dist_utils.MODES:
             raise ValueError(f"distributed={self.distributed!r} is not supported; allowed: "
                              f"{', '.join(dist_utils.MODES)}")
-        for name in ("compile", "optimizer_offload", "progress"):
+        for name in ("optimizer_offload", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.compile, bool) and self.compile != "auto":
+            raise ValueError(f"compile must be true, false or auto, got {self.compile!r}")
         if self.early_stopping_patience < 0 or self.early_stopping_min_delta < 0:
             raise ValueError("early_stopping_patience and early_stopping_min_delta must be >= 0")
         for name in ("batch_size", "grad_accum_steps", "log_every"):
@@ -133,16 +144,12 @@ class TrainingConfig:
 # ---------------------------------------------------------------------------------------- precision
 @lru_cache(maxsize=1)
 def cpu_bf16_is_fast() -> bool:
-    """Whether bf16 matrix products beat fp32 on this CPU.
+    """Whether bf16 matrix products beat fp32 on this CPU (the rule where no model is measured).
 
     CPUs without bf16 instructions (AVX512-BF16, AMX) emulate it and run ~100× slower than fp32, so the
     flags are checked first; where they are present, a short timing confirms the speed-up.
     """
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+    if not cpu_has_native_bf16():
         return False
     cpu = torch.device("cpu")
     return time_matmul(cpu, torch.bfloat16, 384) * 1.5 < time_matmul(cpu, torch.float32, 384)
@@ -151,8 +158,10 @@ def cpu_bf16_is_fast() -> bool:
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `precision` on `device` (None: plain fp32).
 
-    `auto`: bf16 on GPUs that support it, fp16 (with a gradient scaler) on older GPUs, and on CPUs bf16
-    only where it is native and faster, otherwise fp32.
+    `auto` without a model to measure (a dry run's memory estimate, a short run): bf16 on GPUs that support
+    it, fp16 (with a gradient scaler) on older GPUs, and on CPUs bf16 only where it is native and its
+    matrix products are faster, otherwise fp32. The `Trainer` measures `auto` on its model instead
+    (`minillm.training.autotune.choose_precision`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not supported; allowed: {', '.join(PRECISIONS)}")
@@ -206,7 +215,9 @@ class Trainer:
         self._check_combination(model)
         torch.manual_seed(config.seed)
         model = model.to(self.device)
-        if config.compile:
+        self.autotune: dict[str, dict[str, Any]] = {}  # what `auto` chose and the timings behind it
+        self.autocast_dtype = self._choose_precision(model, train_data)
+        if self._choose_compile(model, train_data):
             model.compile()  # in place: parameter names (and so checkpoints) stay those of the model
         self.base_model = model  # the model itself, for its config, saving and generation
         self.model = dist_utils.wrap_model(model, config.distributed, self.dist)  # what the objective calls
@@ -216,7 +227,6 @@ class Trainer:
         self.objective = objective or LanguageModelingObjective()
         self.train_loader = self._as_loader(train_data, shuffle=True)
         self.eval_data = eval_data  # batched afresh for each evaluation, so every one scores the same batches
-        self.autocast_dtype = resolve_precision(config.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
@@ -242,6 +252,31 @@ class Trainer:
                                  "shards the optimizer state; use one or the other")
 
     # ------------------------------------------------------------------ set-up
+    def _probe_run(self, train_data: Dataset | Iterable | None) -> ProbeRun | None:
+        cfg = self.config
+        return probe_run(train_data, cfg.batch_size, cfg.grad_accum_steps, cfg.max_steps, cfg.epochs)
+
+    def _choose_precision(self, model: nn.Module, train_data: Dataset | Iterable | None) -> torch.dtype | None:
+        """The autocast dtype; `precision: auto` is measured on `model` (see autotune.py)."""
+        if self.config.precision != "auto":
+            return resolve_precision(self.config.precision, self.device)
+        decision = choose_precision(model, self.device, self._probe_run(train_data),
+                                    distributed=self.world_size > 1)
+        if decision.choice is None:  # not measured: the rule
+            dtype = resolve_precision("auto", self.device)
+            decision.choice = next(name for name, d in DTYPES.items() if d == dtype)
+        self.autotune["precision"] = decision.as_dict()
+        return DTYPES[decision.choice]
+
+    def _choose_compile(self, model: nn.Module, train_data: Dataset | Iterable | None) -> bool:
+        """Whether to torch.compile `model`; `compile: auto` is measured on it (see autotune.py)."""
+        if self.config.compile != "auto":
+            return bool(self.config.compile)
+        decision = choose_compile(model, self.device, self._probe_run(train_data), self.autocast_dtype,
+                                  distributed=self.world_size > 1)
+        self.autotune["compile"] = decision.as_dict()
+        return decision.choice == "compiled"
+
     def _as_loader(self, data: Dataset | Iterable | None, shuffle: bool) -> Iterable | None:
         """A `BatchLoader` over a dataset: stacked when its items have one length (packed windows),
         padded and length-grouped when it reports per-item `lengths` (conversations, pairs). Under
@@ -272,7 +307,8 @@ class Trainer:
             raise ValueError("the model has no trainable parameter")
         self._param_names = [name for _, named in groups for name, _ in named]
         params = [[p for _, p in named] for _, named in groups]
-        fused = self.device.type == "cuda"
+        # on one CPU process too: torch's fused kernel is several times faster than its for-each loop there
+        fused = self.device.type == "cuda" or (adamw_fused_ok(self.device) and self.world_size == 1)
         if cfg.optimizer_offload and _offload_useful(self.device):
             self._offload = _OptimizerOffload(params)
             params, fused = self._offload.master_groups, False
@@ -369,6 +405,9 @@ class Trainer:
             self._setup_optimizer(total)
         metrics_log = MetricsLogger(self.out_dir if self.is_main else None, total, self.step,
                                     cfg.progress and self.is_main, type(self).__name__, echo=self.is_main)
+        measured = {k: v for k, v in self.autotune.items() if v.get("source") in ("measured", "cached", "bound")}
+        if measured:  # what precision/compile auto chose, with the step timings behind the choice
+            metrics_log.log({"step": self.step, "autotune": measured})
         estimate_mfu = mfu_estimator(self.base_model, self.device, self.autocast_dtype)
         memory = MemoryMonitor(self.device)
         batches = self._batches()
@@ -429,6 +468,8 @@ class Trainer:
                 logger.warning("could not plot %s: %s", self.out_dir, e)
         elapsed = time.time() - start
         result.update(steps=self.step, tokens=self.tokens_seen, seconds=round(elapsed, 2))
+        if measured:
+            result["autotune"] = measured
         if self.best_val_loss < math.inf:
             result["best_val_loss"] = self.best_val_loss
         return result
