@@ -40,11 +40,13 @@ def sampled_accuracy(directory, samples: int = 4) -> float:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """pretrain_tiny trained 3× longer than shipped (900 steps, ~2 min: 300 steps leave a 1M-parameter model
-    unable to add), then sft_tiny as shipped."""
+    """pretrain_tiny with the AdamW recipe it shipped with before Muon (900 steps, ~2 min: 300 steps leave a
+    1M-parameter model unable to add), then sft_tiny as shipped. The Muon recipe's SFT model already answers
+    ~90% of the problems (see the quickstart report card): too little headroom to show what alignment adds,
+    which is what these tests are about."""
     root = tmp_path_factory.mktemp("alignment")
     assert main(["train", "--config", "pretrain_tiny", "--out-dir", str(root / "pretrain"), "max_steps=900",
-                 QUIET]) == 0
+                 "training.optimizer=adamw", "model.qk_norm=false", QUIET]) == 0
     assert main(["train", "--config", "sft_tiny", "--out-dir", str(root / "sft"),
                  f"init_from={root / 'pretrain' / 'final'}", QUIET]) == 0
     return root

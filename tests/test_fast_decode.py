@@ -210,3 +210,17 @@ def test_auto_stays_eager_for_one_off_generations_then_switches(rope_model):
 def test_capacity_buckets():
     generator = TextGenerator(build(max_position_embeddings=1000))
     assert [generator._capacity(n) for n in (1, 128, 129, 300, 999)] == [128, 128, 256, 512, 1000]
+
+
+def test_under_autocast_the_cache_takes_the_autocast_dtype(rope_model):
+    """RL rollouts of a bf16 run generate inside autocast: keys and values come in bf16 while the weights
+    are fp32, and the fast path must decode there as the eager loop does."""
+    fast = TextGenerator(rope_model, ByteTokenizer(), fast_decode=True, compile_options=TRACE_ONLY)
+    slow = TextGenerator(rope_model, ByteTokenizer(), fast_decode=False)
+    rows = prompts([7, 12], seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fast.generate(rows, GREEDY)
+        expected = slow.generate(rows, GREEDY)
+    assert got == expected
+    assert fast.fast_stats.fast_generations == 1
+    assert fast._decoders and all(key[-1] == torch.bfloat16 for key in fast._decoders)

@@ -3,6 +3,7 @@ orthogonalisation, the parameter split, and training with them through the Train
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -167,16 +168,21 @@ def _small_model(seed: int = 0) -> MiniGPT:
                                              num_hidden_layers=2, intermediate_size=64))
 
 
-def test_muon_training_lowers_the_loss():
+def test_muon_training_lowers_the_loss(tmp_path):
     model = _small_model()
     trainer = PreTrainer(model, config=TrainingConfig(optimizer="muon", lr_schedule="wsd", max_steps=30, lr=3e-3,
-                                                      warmup_steps=3, progress=False, precision="fp32"),
+                                                      warmup_steps=3, progress=False, precision="fp32",
+                                                      log_every=5, out_dir=str(tmp_path)),
                          train_data=_batches(64, 30), device="cpu")
     assert isinstance(trainer.optimizer, type(None))
     first = trainer.evaluate(_batches(64, 2, seed=1))["val_loss"]
     trainer.train()
     assert isinstance(trainer.optimizer, Muon)
     assert trainer.evaluate(_batches(64, 2, seed=1))["val_loss"] < 0.5 * first
+    # both rates are logged under their own names, on the one schedule
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rates = [(r["lr"], r["muon_lr"]) for r in records if "muon_lr" in r]
+    assert len(rates) == 6 and all(muon / adamw == pytest.approx(0.02 / 3e-3) for adamw, muon in rates)
 
 
 def test_muon_gradient_accumulation_equals_one_large_batch():

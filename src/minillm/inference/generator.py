@@ -261,10 +261,10 @@ class _StaticDecoder:
 
     def __init__(self, model: MiniGPT, batch: int, capacity: int, device: torch.device,
                  step: Callable[..., torch.Tensor]) -> None:
-        config, dtype = model.config, next(model.parameters()).dtype
+        config = model.config
         self.model, self.step, self.device = model, step, device
         self.cache = StaticKVCache(config.num_hidden_layers, batch, config.num_key_value_heads, capacity,
-                                   config.attention_head_dim, device=device, dtype=dtype)
+                                   config.attention_head_dim, device=device)  # the keys' dtype (see update)
         self.mask = torch.ones(batch, capacity, dtype=torch.long, device=device)  # 0 = left padding
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
@@ -553,7 +553,12 @@ class TextGenerator:
         if (self.fast_decode is False or self._fast_failed or not config.use_cache or config.num_beams > 1
                 or not isinstance(self.model, MiniGPT) or self.model.config.is_moe):
             return None
-        key = (*shape, next(self.model.parameters()).dtype)
+        # one cache per autocast state: generating under autocast (RL rollouts of a bf16 run) gives keys and
+        # values of other dtypes than the weights' (the cache takes them at its first write)
+        dtype = next(self.model.parameters()).dtype
+        if torch.is_autocast_enabled(self.device.type):
+            dtype = torch.get_autocast_dtype(self.device.type)
+        key = (*shape, dtype)
         decoder = self._decoders.get(key)
         if decoder is None:
             eager_seconds = self.fast_stats.eager_seconds.get(shape, 0.0)

@@ -136,22 +136,34 @@ class StaticKVCache:
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        shape = (batch, num_kv_heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        if torch.device(device or "cpu").type == "cuda":  # CUDA graphs may then write them in place
-            for buffer in (*self.keys, *self.values):
-                torch._dynamo.mark_static_address(buffer)
+        self.shape = (batch, num_kv_heads, capacity, head_dim)
+        self.device = torch.device(device or "cpu")
+        # `dtype` None: the buffers take the dtype of the first keys written (under autocast that depends on
+        # the architecture: a QK-norm returns fp32 keys, a plain projection bf16 ones), as KVCache does
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        if dtype is not None:
+            for layer in range(num_layers):
+                self._allocate(layer, dtype)
+
+    def _allocate(self, layer: int, dtype: torch.dtype) -> None:
+        self.keys[layer] = torch.zeros(self.shape, device=self.device, dtype=dtype)
+        self.values[layer] = torch.zeros(self.shape, device=self.device, dtype=dtype)
+        if self.device.type == "cuda":  # CUDA graphs may then write them in place
+            torch._dynamo.mark_static_address(self.keys[layer])
+            torch._dynamo.mark_static_address(self.values[layer])
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[2]
+        return self.shape[2]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                cache_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new (B, K, T, D) keys and values at positions `cache_position` (T,); the whole buffers."""
-        self.keys[layer].index_copy_(2, cache_position, k)
-        self.values[layer].index_copy_(2, cache_position, v)
+        if self.keys[layer] is None:  # the first write (a prefill, eager) allocates
+            self._allocate(layer, k.dtype)
+        self.keys[layer].index_copy_(2, cache_position, k.to(self.keys[layer].dtype))
+        self.values[layer].index_copy_(2, cache_position, v.to(self.values[layer].dtype))
         return self.keys[layer], self.values[layer]
 
 

@@ -98,13 +98,18 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.legend()
         save(fig, "loss.png")
 
-    lr = series(records, "lr")
+    lr, muon_lr = series(records, "lr"), series(records, "muon_lr")
     if lr[0]:
         fig = Figure(figsize=(7, 3.5), layout="constrained")
         ax = fig.add_subplot()
-        ax.plot(*lr, color="tab:green", linewidth=1.2)
+        ax.plot(*lr, color="tab:green", linewidth=1.2, label="AdamW (lr)")
+        if muon_lr[0]:  # Muon's rate on the hidden matrices: several times AdamW's, so a log axis shows both
+            ax.plot(*muon_lr, color="tab:purple", linewidth=1.2, label="Muon (muon_lr)")
+            ax.set_yscale("log")
+            ax.legend()
+        else:
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
         ax.set(xlabel="step", ylabel="learning rate", title="Learning rate")
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
         ax.grid(alpha=0.3)
         save(fig, "lr.png")
 

@@ -430,7 +430,7 @@ class Trainer:
                     tokens_per_s = (self.tokens_seen - window_tokens) / max(now - window_start, 1e-9)
                     window_start, window_tokens = now, self.tokens_seen
                     record = {"step": self.step, **{k: float(v) for k, v in stats.items()},
-                              "lr": self.scheduler.get_last_lr()[0], "tokens": self.tokens_seen,
+                              **self._learning_rates(), "tokens": self.tokens_seen,
                               "tokens_per_s": round(tokens_per_s, 1)}
                     if estimate_mfu is not None:  # tokens/s of all ranks over the peak of all ranks
                         record["mfu"] = round(estimate_mfu(tokens_per_s / self.world_size, seq_len), 5)
@@ -548,6 +548,10 @@ class Trainer:
     def _selection_score(self, result: dict[str, float]) -> float:
         """What `best/` and early stopping minimise: the validation loss (RL: minus the mean reward)."""
         return result["val_loss"]
+
+    def _learning_rates(self) -> dict[str, float]:
+        """The current rates: `lr` (AdamW's groups) and, with Muon, `muon_lr` (the hidden matrices')."""
+        return {("muon_lr" if group.get("use_muon") else "lr"): group["lr"] for group in self.optimizer.param_groups}
 
     def _extra_log(self) -> dict[str, float]:
         """Values a stage adds to each training log record (RL: the latest rollout's statistics)."""
