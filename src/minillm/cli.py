@@ -530,10 +530,11 @@ def _eval(args: argparse.Namespace) -> int:
             results.append(evaluation.evaluate_multiple_choice(model, tokenizer, path, args.few_shot, args.dev,
                                                                args.method, args.batch_size))
         if args.word_problems:
-            results.append(evaluation.evaluate_word_problems(TextGenerator(model, tokenizer), args.word_problems,
+            results.append(evaluation.evaluate_word_problems(TextGenerator(model, tokenizer, fast_decode=False),
+                                                             args.word_problems,
                                                              chat, args.max_new_tokens or 48))
         for path in args.references or []:
-            results.append(evaluation.evaluate_references(TextGenerator(model, tokenizer), path, chat,
+            results.append(evaluation.evaluate_references(TextGenerator(model, tokenizer, fast_decode=False), path, chat,
                                                           args.max_new_tokens or 128, args.bleu_tokenize,
                                                           args.batch_size))
     except ValueError as e:  # bad option values (a stride longer than the window, ...); DataError included

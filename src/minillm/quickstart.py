@@ -108,7 +108,7 @@ def evaluate_stage(stage: Stage, stage_dir: Path, problems: int, held_out_text: 
     started = time.time()
     model = MiniGPT.from_pretrained(stage_dir / "final").eval()
     tokenizer = BPETokenizer.from_pretrained(stage_dir / "final")
-    generator = TextGenerator(model, tokenizer)
+    generator = TextGenerator(model, tokenizer, fast_decode=False)  # the same answers every run (see "auto")
     answered = evaluate_word_problems(generator, problems, chat=stage.chat)
     result: dict[str, Any] = {
         "problems": problems, "accuracy": answered.accuracy, "format": "chat" if stage.chat else "plain text",

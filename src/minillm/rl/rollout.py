@@ -202,8 +202,9 @@ class RLTrainer(Trainer):
         self.eval_data = as_prompt_records(eval_prompts, "eval_prompts") if eval_prompts else None
         self.latest_rollout: dict[str, float] = {}
         # Rollouts decode a fixed batch shape over and over: on a GPU the compiled decode step pays for itself
-        # in the first rollouts; on a CPU the "auto" rule compiles once the time spent decoding would.
-        fast_decode = True if torch.device(self.device).type == "cuda" else "auto"
+        # in the first rollouts. Never "auto" here: its switch depends on timings, and a compiled step may round
+        # a logit's last bit differently, so the samples (and a resumed run) would depend on the machine's load.
+        fast_decode = torch.device(self.device).type == "cuda"
         self._generator = TextGenerator(self.base_model, tokenizer, fast_decode=fast_decode)
         self._stop_ids = self._generator.chat_stop_ids()
 
