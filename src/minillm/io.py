@@ -17,6 +17,16 @@ def cache_root() -> Path:
     return Path(os.environ.get("MINILLM_CACHE_DIR") or Path.home() / ".cache" / "minillm")
 
 
+def read_json_cache(path: str | Path) -> dict[str, Any]:
+    """A cache file's entries; {} when it is missing, unreadable or not a JSON object (a cache is never
+    a reason to fail)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def fsync_dir(path: str | Path) -> None:
     """Make a rename inside `path` durable (no-op where directories cannot be opened, e.g. Windows)."""
     try:

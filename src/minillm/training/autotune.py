@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from minillm.io import atomic_write_json, cache_root
+from minillm.io import atomic_write_json, cache_root, read_json_cache
 from minillm.training.mfu import device_name
 
 logger = logging.getLogger("minillm.training")
@@ -235,22 +235,14 @@ def _digest(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def _read_cache(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _cache_lookup(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    entry = _read_cache(path).get(_digest(key))
+    entry = read_json_cache(path).get(_digest(key))
     return entry if isinstance(entry, dict) and entry.get("key") == json.loads(json.dumps(key, default=str)) \
         else None
 
 
 def _cache_store(path: Path, key: dict[str, Any], values: dict[str, Any]) -> None:
-    entries = _read_cache(path)  # read again: another run may have written meanwhile
+    entries = read_json_cache(path)  # read again: another run may have written meanwhile
     entries[_digest(key)] = {"key": key, **values, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:
         atomic_write_json(path, entries)
@@ -260,7 +252,7 @@ def _cache_store(path: Path, key: dict[str, Any], values: dict[str, Any]) -> Non
 
 def _quickest_compile_s(path: Path, device: torch.device) -> float:
     name = device_name(device)
-    seen = [entry["compile_s"] for entry in _read_cache(path).values()
+    seen = [entry["compile_s"] for entry in read_json_cache(path).values()
             if isinstance(entry, dict) and entry.get("key", {}).get("device") == name
             and isinstance(entry.get("compile_s"), (int, float))]
     return min(seen) if seen else COMPILE_S_PRIOR.get(device.type, 20.0)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from minillm.io import cache_root
+from minillm.io import cache_root, read_json_cache
 
 log = logging.getLogger("minillm.training")
 
@@ -93,14 +93,14 @@ def measure_peak_flops(device: str | torch.device, dtype: torch.dtype | None = N
         device = torch.device("cuda", torch.cuda.current_device())
     key = f"{device_name(device)} | {dtype} | torch {torch.__version__} | {torch.get_num_threads()} threads"
     cache = _cache_path()
-    entries = _read_cache(cache)
+    entries = read_json_cache(cache)
     if isinstance(entries.get(key), (int, float)) and entries[key] > 0:
         return float(entries[key])
     n = 1024 if device.type == "cpu" else 2048
     seconds = time_matmul(device, dtype, n)
     flops = 2 * n**3 / seconds
     log.info("measured peak matmul throughput of %s: %.3g FLOP/s (cached in %s)", key, flops, cache)
-    entries = _read_cache(cache)  # another process may have written meanwhile
+    entries = read_json_cache(cache)  # another process may have written meanwhile
     entries[key] = flops
     _write_cache(cache, entries)
     return flops
@@ -157,14 +157,6 @@ def time_matmul(device: torch.device, dtype: torch.dtype, n: int, repeats: int =
 
 def _cache_path() -> Path:
     return cache_root() / "peak_flops.json"
-
-
-def _read_cache(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _write_cache(path: Path, entries: dict[str, Any]) -> None:
