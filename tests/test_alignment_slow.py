@@ -81,9 +81,9 @@ def test_sft_teaches_the_pretrained_model_to_answer_in_chat_format(runs, sft_sco
 # DPO is scored greedily (its pairs teach the right final answer); GRPO and PPO on the accuracy of
 # sampled replies, what their reward measures, and greedily as well.
 # Measured (200 problems; bf16 on a 2-core EPYC): SFT greedy 44.5%, sampled 29.1%; DPO 52.0% / 38.2%;
-# GRPO 49.5% / 40.9%; PPO 52.5% / 43.1%. With `precision: auto` on a 2-core Xeon: SFT 34.5% / 24.6%; DPO
-# 41.0% / 30.0%; GRPO 41.5% / 34.6%; PPO 36.0% / 33.4% — PPO's greedy gain is the smallest and least stable
-# (its reward is on sampled replies), so it is only required not to fall.
+# GRPO 49.5% / 40.9%; PPO 52.5% / 43.1%. fp32 on a 2-core Xeon: SFT 34.5% / 24.6%; DPO 40.0% / 30.4%; GRPO
+# 42.0% / 35.1%; PPO 37.0% / 34.2% — PPO's greedy gain is the smallest and least stable (its reward is on
+# sampled replies), so it is only required not to fall.
 @pytest.mark.parametrize(("stage", "metric", "gain"), [("dpo", "greedy", 0.03), ("grpo", "sampled", 0.05),
                                                        ("grpo", "greedy", 0.03), ("ppo", "sampled", 0.05),
                                                        ("ppo", "greedy", 0.0)])
