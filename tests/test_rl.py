@@ -225,7 +225,7 @@ def test_rl_stage_config_errors_name_the_key(sft_checkpoint, tmp_path, capsys):
     base = ["train", "--config", "grpo_tiny", "--out-dir", str(tmp_path / "x")]
     for extra, message in ((["init_from=null"], "needs init_from"),
                            ([f"init_from={sft_checkpoint}", "rollout.top_p=2"], "rollout: top_p"),
-                           ([f"init_from={sft_checkpoint}", "rollout.bogus=1"], "rollout: .*bogus"),
+                           ([f"init_from={sft_checkpoint}", "rollout.bogus=1"], "unknown key .rollout.bogus"),
                            ([f"init_from={sft_checkpoint}", "objective.kl_coef=1"], "objective.kl_coef"),
                            ([f"init_from={sft_checkpoint}", "reward.functions=answer"], "reward.functions")):
         assert main([*base, *extra]) != 0
@@ -272,8 +272,8 @@ ppo: {{max_steps: 1, eval_every: 0, training: {{progress: false, batch_size: 4}}
 """, encoding="utf-8")
     assert main(["train", "--config", str(config), "ppo.seed=7"]) == 0
     assert (tmp_path / "run" / "ppo" / "final" / VALUE_HEAD_FILE).is_file()
-    with pytest.raises(SystemExit, match="cannot apply to a pipeline"):
-        main(["train", "--config", str(config), "--lr", "0.1"])
+    assert main(["train", "--config", str(config), "--lr", "0.1"]) == 2
+    assert "cannot apply to a pipeline" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"stage: rlhf\ninit_from: {sft_checkpoint}\ndpo: {{}}\n", encoding="utf-8")
     assert main(["train", "--config", str(bad)]) != 0

@@ -35,7 +35,8 @@ from minillm.io import atomic_write_json, atomic_write_text
 from minillm.model.transformer import MiniGPT
 from minillm.tokenizer import BPETokenizer
 from minillm.training.mfu import device_name
-from minillm.training.run import RunConfigError, load_run_config, run_stage
+from minillm.training.run import run_stage
+from minillm.training.run_config import RunConfigError, load_run_config
 from minillm.training.trainer import resolve_precision
 
 logger = logging.getLogger("minillm.quickstart")

@@ -104,6 +104,10 @@ class BatchLoader:
         self.batch_index = 0
 
     def state_dict(self) -> dict[str, int]:
+        """The position: after the last batch of an epoch (the iterator has not run past it yet) that is
+        the start of the next epoch, so a checkpoint saved there resumes with the next batch."""
+        if self.batch_index >= len(self):
+            return {"epoch": self.epoch + 1, "batch_index": 0, "seed": self.seed}
         return {"epoch": self.epoch, "batch_index": self.batch_index, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:

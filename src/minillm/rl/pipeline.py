@@ -20,7 +20,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from minillm.training.run import RunConfigError, _load_yaml, load_run_config, resolve_config_path, run_stage
+from minillm.training.run import run_stage
+from minillm.training.run_config import RunConfigError, load_run_config, load_yaml, resolve_config_path
 
 logger = logging.getLogger("minillm.rl")
 
@@ -36,7 +37,7 @@ def is_pipeline_config(path: str | Path | None) -> bool:
     if path is None:
         return False
     try:
-        loaded = _load_yaml(resolve_config_path(path).read_text(encoding="utf-8"))
+        loaded = load_yaml(resolve_config_path(path).read_text(encoding="utf-8"))
     except (RunConfigError, OSError):
         return False
     return isinstance(loaded, dict) and loaded.get("stage") == "rlhf"
@@ -71,7 +72,7 @@ class RLHFPipeline:
         """A pipeline from a YAML file (or a shipped config name); `overrides` as `key=value`, where the
         key is a top-level key (`out_dir=…`) or reaches into a stage (`ppo.max_steps=50`)."""
         resolved = resolve_config_path(path)
-        loaded = _load_yaml(resolved.read_text(encoding="utf-8")) or {}
+        loaded = load_yaml(resolved.read_text(encoding="utf-8")) or {}
         if not isinstance(loaded, dict) or loaded.get("stage") != "rlhf":
             raise RunConfigError(f"{resolved}: not a pipeline config (it needs stage: rlhf)")
         unknown = set(loaded) - _TOP_KEYS
@@ -86,7 +87,7 @@ class RLHFPipeline:
             if head in PIPELINE_STAGES and rest:
                 loaded.setdefault(head, {}).setdefault("overrides", []).append(f"{rest}={raw}")
             elif head in _TOP_KEYS - set(PIPELINE_STAGES) and not rest:
-                loaded[head] = _load_yaml(raw)
+                loaded[head] = load_yaml(raw)
             else:
                 raise RunConfigError(f"override {item!r}: use a top-level key (out_dir, init_from, seed, precision) "
                                      f"or STAGE.key with STAGE one of {', '.join(PIPELINE_STAGES)}")

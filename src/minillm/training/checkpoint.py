@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -76,19 +77,78 @@ def resolve_checkpoint(directory: str | Path) -> Path:
 
 
 def rolling_checkpoints(out_dir: str | Path) -> list[Path]:
-    """The `step_N/` checkpoints of a run that hold training state, oldest first."""
+    """The whole `step_N/` checkpoints of a run that hold training state, oldest first."""
     found = []
     for path in Path(out_dir).glob(f"{STEP_PREFIX}*"):
         suffix = path.name[len(STEP_PREFIX):]
-        if suffix.isdigit() and (path / STATE_DIR).is_dir():
+        if suffix.isdigit() and (path / STATE_DIR / "state.json").is_file() and is_complete(path):
             found.append((int(suffix), path))
     return [path for _, path in sorted(found)]
 
 
 def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest `keep` rolling checkpoints."""
+    """Delete all but the newest `keep` rolling checkpoints. Each is first renamed to a temporary name, so a
+    kill during the deletion leaves a leftover `clean_leftovers` recognises, never a half `step_N/`."""
     for path in rolling_checkpoints(out_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(path, ignore_errors=True)
+        doomed = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+# What an interrupted write of this project leaves in a run directory: a checkpoint, export or token-shard
+# directory assembled under `.NAME.tmp-PID`, and a file written through `io.atomic_write` (`.NAME.XXXX.tmp`).
+_TMP_DIR = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+_TMP_FILE = re.compile(r"^\..+\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def is_complete(directory: str | Path) -> bool:
+    """Whether a saved checkpoint directory is whole: its config, and its training state if it has any."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        return False
+    return not (directory / STATE_DIR).exists() or (directory / STATE_DIR / "state.json").is_file()
+
+
+def clean_leftovers(out_dir: str | Path) -> list[Path]:
+    """Delete what interrupted writes left in the run directory `out_dir` (and its `plots/`): temporary
+    directories and files named as this project names them (of processes no longer running), `NAME.old`
+    copies whose `NAME` is whole again, and `step_N/` checkpoints a kill left incomplete. Nothing else is
+    touched. Returns what was deleted."""
+    out_dir = Path(out_dir)
+    removed = []
+    for folder in (out_dir, out_dir / "plots"):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            name, match = path.name, _TMP_DIR.match(path.name)
+            if not path.is_dir():
+                stale = _TMP_FILE.match(name) is not None
+            elif match is not None:
+                stale = not _alive(int(match["pid"]))
+            elif folder == out_dir and name.endswith(OLD_SUFFIX):
+                stale = is_complete(path.with_name(name[:-len(OLD_SUFFIX)]))
+            else:
+                step = name[len(STEP_PREFIX):]
+                stale = folder == out_dir and name.startswith(STEP_PREFIX) and step.isdigit() and not is_complete(path)
+            if stale:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:

@@ -78,6 +78,18 @@ class MemoryConfig:
         return (self.micro_batch_size or default_micro_batch) * (self.grad_accum_steps or default_accum)
 
 
+def device_capacity(device: str | torch.device) -> int | None:
+    """The memory a training step on `device` can use at most, in bytes: the GPU's, or the machine's
+    physical memory for the CPU; None where it cannot be read."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 # ---------------------------------------------------------------------------------------- monitor
 class MemoryMonitor:
     """Process and accelerator memory, cheap enough to read at every log step (two small /proc reads

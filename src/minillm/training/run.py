@@ -1,10 +1,7 @@
 """A training run from a YAML config (or flags): tokenizer → data → model → `Trainer` → checkpoints.
 
-A run config has the shared top-level keys (`stage`, `out_dir`, `init_from`, `max_steps`, `epochs`,
-`eval_every`, `save_every`, `seed`, `precision`, `distributed`, `lora`) and the sections `model` (a
-`preset` plus any `MiniGPTConfig` field), `tokenizer`, `data`, `training` (any `TrainingConfig` field)
-and `memory` (`MemoryConfig`). Unknown keys are refused with their name, so a typo never silently falls
-back to a default.
+The run config and its schema are in `run_config.py`: it is loaded and checked (every key, type and
+range) before anything here reads data.
 
 Under `torchrun --nproc_per_node=N -m minillm train …` with `distributed: ddp|fsdp`, rank 0 prepares the
 tokenizer and the token shards while the other ranks wait, then every rank loads them; `batch_size` is
@@ -17,7 +14,7 @@ import copy
 import json
 import logging
 import random
-import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +42,7 @@ from minillm.data.pretrain import (
 )
 from minillm.data.sft import ConversationDataset
 from minillm.io import atomic_write_json, atomic_write_text, cache_root
-from minillm.model.config import ConfigError, MiniGPTConfig
+from minillm.model.config import MiniGPTConfig
 from minillm.model.heads import MiniGPTRewardModel, MiniGPTWithValueHead, is_reward_checkpoint
 from minillm.model.lora import LoRAConfig, apply_lora
 from minillm.model.transformer import MiniGPT, load_config
@@ -57,8 +54,9 @@ from minillm.tokenizer import BPETokenizer
 from minillm.tokenizer.manager import TokenizerManager
 from minillm.tokenizer.pretrained import TokenizerLoadError, load_tokenizer
 from minillm.training import distributed as dist_utils
-from minillm.training.checkpoint import latest_checkpoint, resolve_checkpoint
-from minillm.training.memory import MemoryConfig, MemoryEstimate, estimate_memory
+from minillm.training.checkpoint import STEP_PREFIX, latest_checkpoint, resolve_checkpoint
+from minillm.training.memory import GB, MemoryConfig, MemoryEstimate, device_capacity, estimate_memory
+from minillm.training.run_config import RL_STAGES, SHARED_TRAINING_KEYS, RunConfigError, objective_options
 from minillm.training.trainer import (
     DPOTrainer,
     PreTrainer,
@@ -70,211 +68,6 @@ from minillm.training.trainer import (
 )
 
 logger = logging.getLogger("minillm.training")
-
-STAGES = ("pretrain", "sft", "dpo", "reward", "ppo", "grpo")
-RL_STAGES = ("ppo", "grpo")
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
-
-DEFAULTS: dict[str, Any] = {
-    "stage": "pretrain",
-    "out_dir": "runs/pretrain",
-    "init_from": None,  # a checkpoint directory: its weights and tokenizer are the starting point
-    "resume": None,  # "latest" (the newest checkpoint in out_dir) or a checkpoint directory
-    "max_steps": None,  # optimizer steps; null: train for `epochs`
-    "epochs": 1.0,
-    "eval_every": 100,
-    "save_every": 0,
-    "seed": 1337,
-    "precision": "auto",  # auto | fp32 | bf16 | fp16
-    "distributed": "none",  # none | ddp | fsdp (launch with torchrun)
-    "lora": None,  # {rank, alpha, dropout, target_modules}: train LoRA adapters on a frozen model
-    "model": {"preset": "tiny"},
-    "tokenizer": {
-        "path": None,  # a tokenizer directory, tokenizer.json or tiktoken name; null: train one on the data
-        "vocab_size": 4096,
-        "train_documents": 20000,  # documents of the corpus the tokenizer is trained on
-    },
-    "data": {
-        "source": "builtin",  # "builtin", or a text/JSONL file or directory
-        "num_documents": 20000,  # size of the built-in corpus
-        "lang": "both",  # built-in corpus language: zh | en | both
-        "text_field": "text",  # JSONL field holding the text
-        "max_length": 256,  # tokens per training window
-        "val_fraction": 0.05,
-        "skip_bad": False,  # skip (and count) malformed records instead of stopping
-        "identity": None,  # sft on builtin data: {name, maker, maker_zh} of the assistant
-    },
-    "training": {},
-    "memory": {},  # MemoryConfig: gradient_checkpointing, micro_batch_size, grad_accum_steps, optimizer_offload
-    "objective": {},  # the stage's own options; dpo: beta, loss_type, label_smoothing, precompute_ref_logps
-    "rollout": {},  # ppo/grpo: RolloutConfig (prompts_per_rollout, samples_per_prompt, max_new_tokens, …)
-    "reward": {  # ppo/grpo: what scores a reply
-        "functions": None,  # built-in names ("answer") or "package.module:function"; null: ["answer"] unless model
-        "weights": None,  # one per function (and the model last); null: all 1
-        "model": None,  # a reward model checkpoint (stage reward's final/)
-    },
-}
-OBJECTIVE_OPTIONS = {
-    "pretrain": {}, "sft": {},
-    "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "rpo_alpha": 0.0,
-            "precompute_ref_logps": False},
-    "reward": {"margin": 0.0, "center_coefficient": 0.0},
-    "ppo": {"kl_coef": 0.05, "kl_estimator": "k1", "gamma": 1.0, "lam": 0.95, "whiten_advantages": True,
-            "clip_range": 0.2, "clip_range_value": 0.2, "vf_coef": 0.1, "missing_stop_penalty": 0.0},
-    "grpo": {"beta": 0.04, "clip_low": 0.2, "clip_high": None, "scale_rewards": True},
-}
-SHARED_TRAINING_KEYS = ("max_steps", "epochs", "eval_every", "save_every", "seed", "precision", "distributed")
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `5e-4` as a string (it wants `5.0e-4`); learning rates are written that way, so
-    this loader reads any decimal or scientific number as a float."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
-               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.inf|\.nan)$", re.IGNORECASE),
-    list("-+0123456789."),
-)
-
-
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
-
-
-class RunConfigError(ValueError):
-    """A run config that cannot work; the message names the file and key."""
-
-
-# ---------------------------------------------------------------------------------------- config
-def resolve_config_path(name: str | Path) -> Path:
-    """A config file path, or the name of a config shipped in `configs/` (e.g. `pretrain_tiny`)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    for candidate in (CONFIG_DIR / path.name, CONFIG_DIR / f"{path.name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise RunConfigError(f"config file {name} not found (shipped configs: "
-                         f"{', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.yaml'))) or 'none'})")
-
-
-def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                    values: dict[str, Any] | None = None) -> dict[str, Any]:
-    """DEFAULTS, updated by the YAML file at `path`, then `values`, then `key=value` overrides
-    (dotted keys reach into sections: `model.preset=micro`, `training.lr=3e-4`)."""
-    config = copy.deepcopy(DEFAULTS)
-    source = "defaults"
-    if path is not None:
-        resolved = resolve_config_path(path)
-        source = str(resolved)
-        try:
-            loaded = _load_yaml(resolved.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise RunConfigError(f"{resolved}: invalid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise RunConfigError(f"{resolved}: a run config must be a mapping of keys to values")
-        _merge(config, loaded, source)
-    if values:
-        _merge(config, values, "command-line flags")
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise RunConfigError(f"override {item!r} must look like key=value (e.g. max_steps=100)")
-        nested: dict[str, Any] = {}
-        cursor = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            cursor = cursor.setdefault(part, {})
-        cursor[parts[-1]] = _load_yaml(raw)
-        _merge(config, nested, f"override {item!r}")
-    _validate(config, source)
-    return config
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any], source: str, prefix: str = "") -> None:
-    for key, value in update.items():
-        name = f"{prefix}{key}"
-        if key not in base:
-            if prefix.startswith(("model.", "training.", "memory.", "lora.", "objective.", "rollout.")):
-                base[key] = value  # validated against MiniGPTConfig / TrainingConfig / MemoryConfig / LoRAConfig
-                continue
-            raise RunConfigError(f"{source}: unknown key {name!r}; known keys here: {', '.join(base)}")
-        if isinstance(base[key], dict):
-            if not isinstance(value, dict):
-                raise RunConfigError(f"{source}: {name!r} must be a mapping")
-            _merge(base[key], value, source, f"{name}.")
-        else:
-            base[key] = value
-
-
-_NEEDS_INIT = {"dpo": "the SFT checkpoint to align; it is also the reference model",
-               "reward": "the SFT checkpoint whose body the reward model starts from",
-               "ppo": "the SFT checkpoint to improve; it is also the reference model",
-               "grpo": "the SFT checkpoint to improve; it is also the reference model"}
-_NO_LORA = {"reward": "the new reward head must train in full",
-            "ppo": "the value head trains in full; use stage grpo"}
-
-
-def _check_section(source: str, name: str, cls: type, values: dict[str, Any]) -> None:
-    """Build the section's dataclass once, so a bad value fails with the section's name."""
-    try:
-        cls(**values)
-    except (TypeError, ValueError) as e:
-        raise RunConfigError(f"{source}: {name}: {e}") from None
-
-
-def _validate(config: dict[str, Any], source: str) -> None:
-    if config["stage"] not in STAGES:
-        raise RunConfigError(f"{source}: stage={config['stage']!r} is not available; available stages: "
-                             f"{', '.join(STAGES)}")
-    if config["distributed"] in (None, False):
-        config["distributed"] = "none"
-    if config["distributed"] not in dist_utils.MODES:
-        raise RunConfigError(f"{source}: distributed={config['distributed']!r} is not supported; allowed: "
-                             f"{', '.join(dist_utils.MODES)}")
-    if config["lora"] is not None:
-        if not isinstance(config["lora"], dict):
-            raise RunConfigError(f"{source}: 'lora' must be a mapping (rank, alpha, dropout, target_modules) "
-                                 "or null")
-        _check_section(source, "lora", LoRAConfig, config["lora"])
-    _check_section(source, "memory", MemoryConfig, config["memory"])
-    allowed = OBJECTIVE_OPTIONS[config["stage"]]
-    for key in config["objective"]:
-        if key not in allowed:
-            raise RunConfigError(f"{source}: 'objective.{key}' is not an option of stage {config['stage']} "
-                                 f"(its options: {', '.join(allowed) or 'none'})")
-    stage = config["stage"]
-    if stage in _NEEDS_INIT and not config["init_from"]:
-        raise RunConfigError(f"{source}: stage {stage} needs init_from ({_NEEDS_INIT[stage]})")
-    if stage in _NO_LORA and config["lora"] is not None:
-        raise RunConfigError(f"{source}: lora with stage {stage} is not supported ({_NO_LORA[stage]})")
-    if stage in RL_STAGES:
-        _check_section(source, "rollout", RolloutConfig, config["rollout"])
-        functions = config["reward"]["functions"]
-        if functions is not None and (not isinstance(functions, list) or not all(isinstance(f, str) for f in functions)):
-            raise RunConfigError(f"{source}: reward.functions must be a list of names, got {functions!r}")
-    elif config["rollout"]:
-        raise RunConfigError(f"{source}: 'rollout' is for stages ppo and grpo, not {config['stage']}")
-    model_fields = set(MiniGPTConfig.__dataclass_fields__) | {"preset"}
-    for key in config["model"]:
-        if key not in model_fields:
-            raise RunConfigError(f"{source}: unknown key 'model.{key}'; use 'preset' or a MiniGPTConfig field")
-    if not config["init_from"]:  # build the config once now, so a bad model fails before any data work
-        fields = {k: v for k, v in config["model"].items() if k != "preset"}
-        try:
-            MiniGPTConfig.from_preset(config["model"].get("preset") or "tiny", **fields)
-        except ConfigError as e:
-            raise RunConfigError(f"{source}: model: {e}") from None
-    for key in config["training"]:
-        if key not in TrainingConfig.field_names() or key in SHARED_TRAINING_KEYS + ("out_dir",):
-            raise RunConfigError(f"{source}: 'training.{key}' is not a training option here "
-                                 f"(shared keys like max_steps go at the top level)")
-    data = config["data"]
-    if not isinstance(data["max_length"], int) or data["max_length"] < 2:
-        raise RunConfigError(f"{source}: data.max_length must be an integer >= 2, got {data['max_length']!r}")
-
 
 # ---------------------------------------------------------------------------------------- pieces
 def build_tokenizer(config: dict[str, Any], documents: list[str] | None) -> BPETokenizer:
@@ -355,8 +148,11 @@ class PreparedRun:
 def prepare_run(config: dict[str, Any]) -> PreparedRun:
     """Everything a run needs, built and checked before the first step: a bad corpus, tokenizer or
     model config fails here, not half-way through training."""
+    check_run_fits(config)
     ctx = dist_utils.init_distributed(config["distributed"])
     out_dir = Path(config["out_dir"])
+    if ctx.is_main:
+        check_run_dir(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     if ctx.is_main:
         atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
@@ -378,7 +174,7 @@ def prepare_run(config: dict[str, Any]) -> PreparedRun:
                     model.num_parameters() / 1e6, train_set.num_tokens(), val_set.num_tokens() if val_set else 0)
     options = {"memory": MemoryConfig(**config["memory"])}
     if config["stage"] in ("dpo", "reward", *RL_STAGES):
-        options.update({**OBJECTIVE_OPTIONS[config["stage"]], **config["objective"]})
+        options.update({**objective_options(config["stage"]), **config["objective"]})
     if config["stage"] in RL_STAGES:
         trainer_class: type[Trainer] = PPOTrainer if config["stage"] == "ppo" else GRPOTrainer
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -394,6 +190,34 @@ def prepare_run(config: dict[str, Any]) -> PreparedRun:
     trainer = trainer_class(model, tokenizer, training_config(config), train_data=train_set, eval_data=val_set,
                             **options)
     return PreparedRun(config, tokenizer, model, train_set, val_set, trainer)
+
+
+# What a run writes in its directory, replaced when a new run starts there with `overwrite` (the token shards
+# in data/ are kept: they are reused when they match).
+_RUN_OUTPUTS = ("final", "best", "metrics.jsonl", "plots", "tensorboard", "result.json")
+
+
+def check_run_dir(config: dict[str, Any]) -> None:
+    """A new run (not `resume`) in a directory that holds another run's checkpoints is refused, since it
+    would replace them; with `overwrite: true` that run's checkpoints, metrics and plots are deleted first."""
+    out_dir = Path(config["out_dir"])
+    if config["resume"] or not out_dir.is_dir():
+        return
+    found = sorted(p for p in out_dir.iterdir() if p.name in _RUN_OUTPUTS[:2] or (
+        p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX):].isdigit()))
+    if not found:
+        return
+    if not config["overwrite"]:
+        names = ", ".join(f"{p.name}/" for p in found[:3]) + (", …" if len(found) > 3 else "")
+        raise RunConfigError(f"out_dir {out_dir} already holds a run ({names}); continue it with --resume, choose "
+                             "another --out-dir, or pass --overwrite to start again there (its checkpoints, "
+                             "metrics and plots are deleted)")
+    for path in [*found, *(out_dir / name for name in _RUN_OUTPUTS[2:])]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    logger.info("--overwrite: removed the previous run's outputs in %s", out_dir)
 
 
 def prepare_data(config: dict[str, Any]) -> tuple[BPETokenizer, Dataset, Dataset | None]:
@@ -491,9 +315,6 @@ def _check_fits(config: dict[str, Any], model: MiniGPT, tokenizer: BPETokenizer)
     if len(tokenizer) > model.config.vocab_size:
         raise RunConfigError(f"tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
                              f"{model.config.vocab_size}")
-    if config["stage"] not in RL_STAGES and config["data"]["max_length"] > model.config.max_position_embeddings:
-        raise RunConfigError(f"data.max_length={config['data']['max_length']} exceeds the model's "
-                             f"max_position_embeddings={model.config.max_position_embeddings}")
 
 
 _TIKTOKEN_VOCAB = {"gpt2": 50257, "cl100k_base": 100277}
@@ -507,6 +328,10 @@ def run_model_config(config: dict[str, Any], tokenizer: BPETokenizer | None = No
     fields = dict(config["model"])
     preset = fields.pop("preset", None) or "tiny"
     if tokenizer is not None:
+        if fields.get("vocab_size", len(tokenizer)) != len(tokenizer):
+            raise RunConfigError(f"model.vocab_size={fields['vocab_size']} disagrees with the tokenizer, which has "
+                                 f"{len(tokenizer)} tokens; remove model.vocab_size (it is taken from the tokenizer) "
+                                 f"or set tokenizer.vocab_size={fields['vocab_size']}")
         fields.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         return MiniGPTConfig.from_preset(preset, **fields)
@@ -523,6 +348,27 @@ def run_model_config(config: dict[str, Any], tokenizer: BPETokenizer | None = No
             fields["vocab_size"] = int(config["tokenizer"]["vocab_size"])  # the tokenizer to be trained
     fields.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
     return MiniGPTConfig.from_preset(preset, **fields)
+
+
+def check_run_fits(config: dict[str, Any], estimate: MemoryEstimate | None = None) -> MemoryEstimate | None:
+    """Refuse a run whose model cannot take its windows, or whose one training step needs more memory than
+    the device has at all (it could only crash later); checked before any data is read."""
+    if config["stage"] in RL_STAGES:
+        return None
+    model_config = run_model_config(config)
+    if config["data"]["max_length"] > model_config.max_position_embeddings:
+        raise RunConfigError(f"data.max_length={config['data']['max_length']} exceeds the model's "
+                             f"max_position_embeddings={model_config.max_position_embeddings}")
+    estimate = estimate or estimate_run_memory(config)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    capacity = device_capacity(device)
+    if capacity is not None and estimate.total > capacity:
+        raise RunConfigError(
+            f"one training step needs about {estimate.total / GB:.1f} GB (batch {estimate.batch_size} × "
+            f"data.max_length={estimate.seq_len} tokens) but the {device.type} has {capacity / GB:.1f} GB; lower "
+            "data.max_length or training.batch_size, or set memory.gradient_checkpointing=true or "
+            "memory.micro_batch_size (see --dry-run)")
+    return estimate
 
 
 def estimate_run_memory(config: dict[str, Any], device: str | None = None) -> MemoryEstimate:

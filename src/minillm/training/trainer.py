@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 from minillm.data.loader import BatchLoader, pad_collate
 from minillm.data.pretrain import LanguageModelingDataset, PretrainDataLoader
+from minillm.errors import MiniLLMError
 from minillm.io import atomic_write_json
 from minillm.model.lora import ADAPTER_WEIGHTS_FILE, load_lora_state_dict, merge_lora, save_lora
 from minillm.model.transformer import WEIGHTS_FILE, eval_mode
@@ -45,7 +46,13 @@ from minillm.training.autotune import (
     cpu_has_native_bf16,
     probe_run,
 )
-from minillm.training.checkpoint import STATE_DIR, STEP_PREFIX, prune_checkpoints, save_checkpoint
+from minillm.training.checkpoint import (
+    STATE_DIR,
+    STEP_PREFIX,
+    clean_leftovers,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from minillm.training.logging import MetricsLogger
 from minillm.training.memory import MemoryConfig, MemoryMonitor
 from minillm.training.mfu import mfu_estimator, time_matmul
@@ -403,6 +410,9 @@ class Trainer:
         total = self.total_steps()
         if self.optimizer is None:
             self._setup_optimizer(total)
+        if self.is_main and self.out_dir is not None:
+            for path in clean_leftovers(self.out_dir):
+                logger.info("removed %s, left by an interrupted save", path)
         metrics_log = MetricsLogger(self.out_dir if self.is_main else None, total, self.step,
                                     cfg.progress and self.is_main, type(self).__name__, echo=self.is_main)
         measured = {k: v for k, v in self.autotune.items() if v.get("source") in ("measured", "cached", "bound")}
@@ -726,7 +736,7 @@ _RUN_DEFINING_FIELDS = ("batch_size", "grad_accum_steps", "seed", "optimizer")
 _HARMLESS_MODEL_FIELDS = ("gradient_checkpointing", "extra")
 
 
-class ResumeError(ValueError):
+class ResumeError(MiniLLMError, ValueError):
     """A checkpoint that cannot continue this run; the message says what changed."""
 
 
