@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 EXAMPLES = {
     "tokenizer train": """examples:
@@ -87,11 +88,21 @@ bits per byte, and how long ours took to reach plain's final loss, as a ratio of
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `minillm train: error: argument --batch-size: invalid int value: 'x'
+    (see minillm train --help)`, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="minillm", description="Train small language models from scratch, Chinese first.",
         epilog="Run `minillm COMMAND --help` for a command's options and examples.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also MINILLM_DEBUG=1); anywhere on the line")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(parent, name: str, help_text: str, key: str | None = None) -> argparse.ArgumentParser:
@@ -180,6 +191,9 @@ def _parser() -> argparse.ArgumentParser:
                        "activations) and exit without building anything")
     train.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                        help="continue a run exactly: from the newest checkpoint in out_dir, or from CHECKPOINT")
+    train.add_argument("--overwrite", action="store_true", default=None,
+                       help="start a new run in an out_dir that holds another run's checkpoints, deleting them "
+                       "(without it that is refused)")
 
     generate = command(commands, "generate", "generate text from a checkpoint")
     generate.add_argument("checkpoint", help="a model directory (e.g. runs/pretrain_tiny/final)")
@@ -294,29 +308,42 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# `minillm train` flags and the run config keys they set.
+_TRAIN_FLAGS = {"preset": ("model", "preset"), "data": ("data", "source"), "max_length": ("data", "max_length"),
+                "tokenizer": ("tokenizer", "path"), "batch_size": ("training", "batch_size"), "lr": ("training", "lr"),
+                "optimizer": ("training", "optimizer"), **{key: (key,) for key in (
+                    "epochs", "max_steps", "out_dir", "precision", "seed", "resume", "distributed", "overwrite")}}
+
+
 def _train(args: argparse.Namespace) -> int:
     from minillm.rl.pipeline import is_pipeline_config
-    from minillm.training.run import load_run_config, run_training
+    from minillm.training.run import run_training
+    from minillm.training.run_config import load_run_config
     from minillm.training.trainer import TrainingInterrupted
 
     if is_pipeline_config(args.config):
         return _train_pipeline(args)
 
-    flags = {"model": {"preset": args.preset} if args.preset else {},
-             "data": {k: v for k, v in (("source", args.data), ("max_length", args.max_length)) if v is not None},
-             "tokenizer": {"path": args.tokenizer} if args.tokenizer else {},
-             "training": {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr),
-                                            ("optimizer", args.optimizer)) if v is not None}}
-    for key in ("epochs", "max_steps", "out_dir", "precision", "seed", "resume", "distributed"):
-        if getattr(args, key) is not None:
-            flags[key] = getattr(args, key)
+    flags: dict[str, Any] = {}
+    sources = {}
+    for name, path in _TRAIN_FLAGS.items():
+        value = getattr(args, name)
+        if value is not None:
+            *sections, key = path
+            cursor = flags
+            for section in sections:
+                cursor = cursor.setdefault(section, {})
+            cursor[key] = value
+            sources[path] = f"--{name.replace('_', '-')}"
     if args.max_steps is None and args.epochs is not None:
         flags["max_steps"] = None  # --epochs alone means "train by epochs" even if the config sets steps
-    config = load_run_config(args.config, args.overrides, flags)
+    config = load_run_config(args.config, args.overrides, flags, sources)
     if args.dry_run:
-        from minillm.training.run import estimate_run_memory
+        from minillm.training.run import check_run_fits, estimate_run_memory
 
-        print(estimate_run_memory(config).format())
+        estimate = estimate_run_memory(config)
+        print(estimate.format())
+        check_run_fits(config, estimate)  # exit 2 when it cannot fit
         return 0
     from minillm.training import distributed
 
@@ -339,14 +366,15 @@ def _train(args: argparse.Namespace) -> int:
 def _train_pipeline(args: argparse.Namespace) -> int:
     """`minillm train --config rlhf_tiny`: SFT → reward model → PPO (minillm.rl.pipeline)."""
     from minillm.rl.pipeline import RLHFPipeline
+    from minillm.training.run_config import RunConfigError
     from minillm.training.trainer import TrainingInterrupted
 
     unsupported = [f"--{name.replace('_', '-')}" for name in (
         "preset", "data", "tokenizer", "max_length", "batch_size", "lr", "optimizer", "epochs", "max_steps", "resume",
-        "distributed") if getattr(args, name, None) is not None] + (["--dry-run"] if args.dry_run else [])
+        "distributed", "overwrite") if getattr(args, name, None) is not None] + (["--dry-run"] if args.dry_run else [])
     if unsupported:
-        raise SystemExit(f"minillm train: {', '.join(unsupported)} cannot apply to a pipeline config (stage: rlhf); "
-                         "give per-stage overrides like ppo.max_steps=50 (it resumes by itself when run again)")
+        raise RunConfigError(f"{', '.join(unsupported)} cannot apply to a pipeline config (stage: rlhf); give "
+                             "per-stage overrides like ppo.max_steps=50 (it resumes by itself when run again)")
     overrides = list(args.overrides) + [f"{k}={getattr(args, k)}" for k in ("out_dir", "seed", "precision")
                                         if getattr(args, k) is not None]
     try:
@@ -633,34 +661,71 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MINILLM_DEBUG", "").strip().lower() in ("1", "true", "yes")
+    argv = [a for a in argv if a != "--debug"]  # accepted after the command too (`minillm train ... --debug`)
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options too (`--max-steps 8 model.preset=micro`).
     if args.command in ("train", "quickstart") and all("=" in item and not item.startswith("-") for item in extra):
         args.overrides += extra
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{_flag_hint(argv, extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    from minillm.data.formats import DataError
-    from minillm.export.hf import ExportError
-    from minillm.model.config import ConfigError
-    from minillm.tokenizer.pretrained import TokenizerLoadError
-    from minillm.training.run import RunConfigError
-    from minillm.training.trainer import ResumeError
-
-    handlers = {"train": _train, "generate": _generate, "chat": _chat, "quickstart": _quickstart, "bench": _bench, "data": _data, "plot": _plot,
-                "serve": _serve, "export": _export, "eval": _eval}
+    handlers = {"train": _train, "generate": _generate, "chat": _chat, "quickstart": _quickstart, "bench": _bench,
+                "data": _data, "plot": _plot, "serve": _serve, "export": _export, "eval": _eval}
     if args.command == "tokenizer":
         handler = _tokenizer_train if args.tokenizer_command == "train" else _tokenizer_eval
     else:
         handler = handlers[args.command]
+    name = " ".join(filter(None, (args.command, getattr(args, f"{args.command}_command", None))))
     try:
         return handler(args)
-    except (DataError, ConfigError, RunConfigError, ResumeError, TokenizerLoadError, FileNotFoundError,
-            ExportError) as e:
-        print(f"minillm {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"minillm {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # bad input: one line naming the culprit, exit 2; anything else: exit 1
+        if debug:
+            raise
+        from minillm.errors import MiniLLMError
+
+        if isinstance(e, (MiniLLMError, OSError)):
+            print(f"minillm {name}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        print(f"minillm {name}: internal error: {type(e).__name__}: {_one_line(e)} (run again with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
+
+
+def _flag_hint(argv: list[str], extra: list[str]) -> str:
+    """`--max_steps` (the transformers/TRL spelling) → "did you mean --max-steps?" where that flag exists."""
+    for item in extra:
+        name = item.split("=", 1)[0]
+        if name.startswith("--") and "_" in name:
+            dashed = name.replace("_", "-")
+            if dashed in _known_flags(argv):
+                return f"; did you mean {dashed}?"
+    return ""
+
+
+def _known_flags(argv: list[str]) -> list[str]:
+    """The option strings of the subcommand `argv` names."""
+    parser: argparse.ArgumentParser = _parser()
+    for word in argv:
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not actions or word not in actions[0].choices:
+            break
+        parser = actions[0].choices[word]
+    return [flag for action in parser._actions for flag in action.option_strings]
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception as one line: OSError's `[Errno 2] No such file ...: 'x'` becomes `x: no such file ...`."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        return f"{error.filename}: {error.strerror[:1].lower()}{error.strerror[1:]}"
+    text = str(error) or type(error).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from minillm.errors import MiniLLMError
 
 logger = logging.getLogger("minillm.data")
 
@@ -35,7 +36,7 @@ ROLE_ALIASES = {"system": "system", "user": "user", "human": "user",
 RECORD_SUFFIXES = (".jsonl", ".json")
 
 
-class DataError(ValueError):
+class DataError(MiniLLMError, ValueError):
     """Bad input data; the message names the file (and line) and the reason."""
 
 

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from minillm.errors import MiniLLMError
 from minillm.io import atomic_write_json, fsync_dir
 from minillm.model.config import MiniGPTConfig
 from minillm.model.transformer import MiniGPT
@@ -56,7 +57,7 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwe
                   "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM", "gpt2": "GPT2LMHeadModel"}
 
 
-class ExportError(ValueError):
+class ExportError(MiniLLMError, ValueError):
     """A model that cannot be exported as asked; the message names the field and the reason."""
 
 

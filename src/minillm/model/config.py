@@ -12,13 +12,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from minillm.errors import MiniLLMError
 
 NORM_TYPES = ("rmsnorm", "layernorm")
 POSITION_TYPES = ("rope", "learned")
 MLP_TYPES = ("swiglu", "gelu")
 
 
-class ConfigError(ValueError):
+class ConfigError(MiniLLMError, ValueError):
     """An invalid model configuration; the message names the field and the allowed values."""
 
 

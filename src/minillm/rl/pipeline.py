@@ -38,7 +38,7 @@ def is_pipeline_config(path: str | Path | None) -> bool:
         return False
     try:
         loaded = load_yaml(resolve_config_path(path).read_text(encoding="utf-8"))
-    except (RunConfigError, OSError):
+    except (RunConfigError, OSError, ValueError):  # the run config loader reports it
         return False
     return isinstance(loaded, dict) and loaded.get("stage") == "rlhf"
 

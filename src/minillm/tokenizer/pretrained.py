@@ -41,6 +41,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from minillm.errors import MiniLLMError
 from minillm.tokenizer.bpe_tokenizer import EOS_TOKEN, UNLIMITED_LENGTH, BPETokenizer
 
 logger = logging.getLogger("minillm.tokenizer")
@@ -61,7 +62,7 @@ TIKTOKEN_FILES: dict[str, tuple[str, ...]] = {
 }
 
 
-class TokenizerLoadError(RuntimeError):
+class TokenizerLoadError(MiniLLMError, RuntimeError):
     """A tokenizer could not be loaded: unknown name, missing file, or an encoding not available offline."""
 
 

@@ -40,7 +40,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-MODES = ("none", "ddp", "fsdp")
+from minillm.training.run_config import DISTRIBUTED_MODES
+
+MODES = DISTRIBUTED_MODES  # the run config's allowed values
 PADDING_KEY = "padding_only"  # a batch a rank forwards only to keep in step with the others; not scored
 
 __all__ = ["MODES", "PADDING_KEY", "DistributedContext", "ShardedBatchLoader", "all_gather_object", "all_reduce_sum", "any_rank",

@@ -179,16 +179,22 @@ def prepare_run(config: dict[str, Any]) -> PreparedRun:
         trainer_class: type[Trainer] = PPOTrainer if config["stage"] == "ppo" else GRPOTrainer
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         functions, weights = reward_functions(config, tokenizer, device)
-        trainer = trainer_class(model, tokenizer, training_config(config), prompts=train_set,
-                                eval_prompts=val_set, reward_functions=functions, reward_weights=weights,
-                                rollout=RolloutConfig(**config["rollout"]), **options)
+        try:
+            trainer = trainer_class(model, tokenizer, training_config(config), prompts=train_set,
+                                    eval_prompts=val_set, reward_functions=functions, reward_weights=weights,
+                                    rollout=RolloutConfig(**config["rollout"]), **options)
+        except (TypeError, ValueError) as e:  # too few prompts for a rollout, a group size below 2, …
+            raise RunConfigError(f"stage {config['stage']}: {e}") from None
         return PreparedRun(config, tokenizer, model, train_set, val_set, trainer)
     if config["stage"] in ("dpo", "reward"):
         trainer_class = DPOTrainer if config["stage"] == "dpo" else RewardTrainer
     else:
         trainer_class = SFTTrainer if config["stage"] == "sft" else PreTrainer
-    trainer = trainer_class(model, tokenizer, training_config(config), train_data=train_set, eval_data=val_set,
-                            **options)
+    try:
+        trainer = trainer_class(model, tokenizer, training_config(config), train_data=train_set, eval_data=val_set,
+                                **options)
+    except (TypeError, ValueError) as e:  # a combination of options the trainer refuses (fsdp with LoRA, …)
+        raise RunConfigError(f"stage {config['stage']}: {e}") from None
     return PreparedRun(config, tokenizer, model, train_set, val_set, trainer)
 
 
@@ -401,6 +407,8 @@ def run_stage(config: dict[str, Any]) -> dict[str, Any]:
     if checkpoint is not None:
         logger.info("%s: resumes from %s", out_dir, checkpoint)
         config["resume"] = str(checkpoint)
+    else:
+        config["overwrite"] = True  # the stage's own directory: what a stop left there (best/) is replaced
     result = run_training(config)
     atomic_write_json(done, result)
     return result

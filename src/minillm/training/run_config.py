@@ -301,6 +301,8 @@ def _check_stage(config: dict[str, Any]) -> list[_Problem]:
     stage, problems = config["stage"], []
     if stage in _NEEDS_INIT and not config["init_from"]:
         problems.append(_Problem(("init_from",), f"stage {stage} needs init_from ({_NEEDS_INIT[stage]})"))
+    if config["lora"] is not None and not config["init_from"]:
+        problems.append(_Problem(("lora",), "lora adapts a trained model: set init_from to its checkpoint"))
     if stage in _NO_LORA and config["lora"] is not None:
         problems.append(_Problem(("lora",), f"lora with stage {stage} is not supported ({_NO_LORA[stage]})"))
     if stage not in RL_STAGES and config["rollout"]:
@@ -381,10 +383,12 @@ def check_run_config(config: dict[str, Any], where: Any = None) -> dict[str, Any
 
 # ---------------------------------------------------------------------------------------- loading
 def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                    values: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The defaults, updated by the YAML file at `path`, then `values` (command-line flags), then
-    `key=value` overrides (dotted keys reach into sections: `model.preset=micro`, `training.lr=3e-4`),
-    checked against the schema before anything else happens."""
+                    values: dict[str, Any] | None = None,
+                    value_sources: dict[tuple[str, ...], str] | None = None) -> dict[str, Any]:
+    """The defaults, updated by the YAML file at `path`, then `values` (command-line flags, named in errors
+    by `value_sources`: `{("training", "batch_size"): "--batch-size"}`), then `key=value` overrides (dotted
+    keys reach into sections: `model.preset=micro`, `training.lr=3e-4`), checked against the schema before
+    anything else happens."""
     config = default_config()
     origins: dict[tuple[str, ...], str] = {}
     fallback = "run config"
@@ -402,7 +406,7 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple
         fallback = str(resolved)
         _merge(config, loaded, origins, lambda p: f"{resolved}:{lines[p]}" if p in lines else str(resolved))
     if values:
-        _merge(config, values, origins, lambda p: "command-line flags")
+        _merge(config, values, origins, lambda p: (value_sources or {}).get(p, "command-line flags"))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -432,13 +436,18 @@ def _merge(base: dict[str, Any], update: dict[str, Any], origins: dict[tuple[str
            prefix: tuple[str, ...] = ()) -> None:
     for key, value in update.items():
         path = (*prefix, str(key))
-        origins[path] = origin(path)
-        section = ".".join(prefix)
-        if isinstance(base.get(key), dict) and isinstance(value, dict) and section not in _FREE_SECTIONS:
+        _record(origins, origin, path, value)
+        if isinstance(base.get(key), dict) and isinstance(value, dict) and ".".join(path) not in _FREE_SECTIONS:
             _merge(base[key], value, origins, origin, path)
         elif isinstance(base.get(key), dict) and isinstance(value, dict):
             base[key] = {**base[key], **copy.deepcopy(value)}
-            for inner in value:
-                origins[(*path, str(inner))] = origin((*path, str(inner)))
         else:
             base[key] = copy.deepcopy(value)
+
+
+def _record(origins: dict[tuple[str, ...], str], origin: Any, path: tuple[str, ...], value: Any) -> None:
+    """Where the value at `path` (and every key inside it) came from."""
+    origins[path] = origin(path)
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _record(origins, origin, (*path, str(key)), inner)

@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
+from minillm.data.formats import DataError
 from minillm.data.loader import BatchLoader, pad_collate
 from minillm.data.pretrain import LanguageModelingDataset, PretrainDataLoader
 from minillm.errors import MiniLLMError
@@ -59,6 +60,7 @@ from minillm.training.mfu import mfu_estimator, time_matmul
 from minillm.training.objectives import DPOObjective, LanguageModelingObjective, Objective, RewardObjective
 from minillm.training.optim import OPTIMIZERS, build_optimizer, parameter_groups
 from minillm.training.plots import plot_run
+from minillm.training.run_config import PRECISIONS
 from minillm.training.schedule import SCHEDULES, make_schedule
 
 __all__ = ["DPOTrainer", "LanguageModelingDataset", "PreTrainer", "RewardTrainer", "SFTTrainer", "Trainer", "TrainingConfig",
@@ -66,7 +68,6 @@ __all__ = ["DPOTrainer", "LanguageModelingDataset", "PreTrainer", "RewardTrainer
 
 logger = logging.getLogger("minillm.training")
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -401,7 +402,7 @@ class Trainer:
                 empty = False
                 yield self._to_device(batch)
             if empty:
-                raise ValueError("the training data yields no batch")
+                raise DataError("the training data yields no batch (fewer examples than one batch?)")
 
     # ------------------------------------------------------------------ public loops
     def train(self) -> dict[str, float]:
@@ -468,6 +469,8 @@ class Trainer:
                 result.update(self._validate(metrics_log))
             if self.out_dir is not None:
                 self.save(self.out_dir / "final", with_state=True)
+                if self.is_main and cfg.save_every:  # a kill between a save and its pruning left one more
+                    prune_checkpoints(self.out_dir, cfg.keep_last)
         finally:
             stop_signal.restore()
             metrics_log.close()
