@@ -81,7 +81,7 @@ def test_lora_run_trains_adapters_only_and_saves_merged_and_adapter_checkpoints(
 
 def test_lora_without_a_trained_model_is_refused(tmp_path, capsys):
     assert main(["train", *PRETRAIN, "--out-dir", str(tmp_path), "lora.rank=4"]) == 2
-    assert "lora: LoRA adapts a trained model; set init_from" in capsys.readouterr().err
+    assert "lora adapts a trained model: set init_from" in capsys.readouterr().err
 
 
 def test_early_stopping_stops_after_patience_evaluations_without_improvement(tmp_path):
