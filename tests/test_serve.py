@@ -211,7 +211,7 @@ LONG_TEXT = "小明有3个苹果，又买了5个梨。" * 100  # within the char
     ("chat/completions", {"messages": MESSAGES, "temperature": 5}, "temperature", "between 0 and 2"),
     ("chat/completions", {"messages": MESSAGES, "n": 5}, "n", "limit of 4"),
     ("chat/completions", {"messages": MESSAGES, "stop": [5]}, "stop", "list of strings"),
-    ("completions", {"model": "m"}, "prompt", "prompt is required"),
+    ("completions", {"model": MODEL}, "prompt", "prompt is required"),
     ("completions", {"prompt": [1, 99999]}, "prompt", "outside the vocabulary"),
     ("completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens", "at least 1"),
 ])

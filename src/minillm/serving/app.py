@@ -3,7 +3,9 @@
 Endpoints: POST /v1/chat/completions and /v1/completions (streamed as server-sent events or not),
 GET /v1/models, GET /health, and GET / (the chat page). Responses have the shapes of OpenAI's, so the
 official `openai` client and the tools built on it work unchanged; errors are OpenAI's
-`{"error": {...}}` objects, with 400 (not FastAPI's 422) for every invalid request.
+`{"error": {...}}` objects, with 400 (not FastAPI's 422) for every invalid request, 404
+`model_not_found` for a model the server does not serve, and 408 for a client too slow to send its
+request (`ServerLimits.request_timeout`).
 
 All generation runs on one worker thread (see `worker.py`), one request at a time in arrival order.
 """
@@ -13,21 +15,26 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
+import os
+import re
 import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, closing, contextmanager
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 from torch import nn
 
@@ -48,21 +55,30 @@ from minillm.serving.protocol import (
 )
 from minillm.serving.worker import GenerationWorker, Job, ServerBusy
 
+logger = logging.getLogger("minillm.serving")
+
 # One streamed item: (choice index, the chunk generated for that choice).
 Item = tuple[int, GenerationChunk]
 # Turns one item into the `choices` entries of the stream's chunks (none, one, or several).
 ChoiceFormatter = Callable[[int, GenerationChunk, bool], list[dict[str, Any]]]
 
 
-def create_app(model: nn.Module, tokenizer: Any, *, model_name: str = "minillm", api_key: str | None = None,
-               limits: ServerLimits | None = None) -> FastAPI:
-    """The server's ASGI app for `model` and `tokenizer`; serve it with uvicorn (see `run_server`).
+def create_app(model: nn.Module, tokenizer: Any, *, model_name: str = "minillm", aliases: Sequence[str] = (),
+               api_key: str | None = None, limits: ServerLimits | None = None) -> FastAPI:
+    """The server's ASGI app for `model` and `tokenizer`; serve it with `run_server` or `background_server`
+    (they also apply `limits.request_timeout` to connections that send nothing or only part of a head).
 
-    `model_name` is the id /v1/models lists and responses carry (requests may name any model: there is
-    only one). With `api_key`, every /v1/ request needs `Authorization: Bearer <api_key>`. `limits`
-    bounds what a request may ask for (`ServerLimits()` by default).
+    `model_name` is the id /v1/models lists and responses carry. A request's `model` must be that id or one
+    of `aliases` (or be left out), else it gets OpenAI's 404 `model_not_found`; responses to a request
+    that names an alias carry `model_name` too, as OpenAI's carry the model an alias stands for. With
+    `api_key`, every /v1/ request needs `Authorization: Bearer <api_key>`. `limits` bounds what a request
+    may ask for and how long it may take to arrive (`ServerLimits()` by default).
     """
-    service = _Service(model, tokenizer, model_name, limits or ServerLimits())
+    names = [model_name, *aliases]
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"a model name must be a non-empty string, got {name!r}")
+    service = _Service(model, tokenizer, names, limits or ServerLimits())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -97,7 +113,7 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_leve
     """Serve `app` until interrupted. Open streams get a few seconds to finish when stopping."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, **_server_options(app, host, port, log_level))
 
 
 @contextmanager
@@ -107,7 +123,7 @@ def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
     base URL ("http://127.0.0.1:PORT"). Port 0 takes a free port. For notebooks and tests."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    server = uvicorn.Server(uvicorn.Config(app, **_server_options(app, host, port, log_level)))
     thread = threading.Thread(target=server.run, name="minillm-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -124,17 +140,45 @@ def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
         thread.join(30)
 
 
+KEEP_ALIVE_S = 5.0  # how long an idle connection stays open after a response (at most the request timeout)
+# The last part of a checkpoint path that names a checkpoint of a run rather than the run.
+_CHECKPOINT_NAME = re.compile(r"(final|best|latest|last|(step|checkpoint|epoch)[-_]?\d+)(\.old)?", re.IGNORECASE)
+
+
+def default_model_id(checkpoint: str | Path) -> str:
+    """A readable model id for a checkpoint directory, without the machine's paths: the run and checkpoint
+    names for a run's checkpoint (`runs/sft_tiny/final` → "sft_tiny-final", `/x/runs/a/step_40` →
+    "a-step_40"), else the directory's name."""
+    parts = Path(os.path.abspath(checkpoint)).parts[1:]  # without the root (or drive), and no '..' left
+    if not parts:
+        return "minillm"
+    if len(parts) >= 2 and _CHECKPOINT_NAME.fullmatch(parts[-1]):
+        return f"{parts[-2]}-{parts[-1]}"
+    return parts[-1]
+
+
+def _server_options(app: FastAPI, host: str, port: int, log_level: str) -> dict[str, Any]:
+    """uvicorn's settings for `app`: open streams get a few seconds to finish when stopping, idle keep-alive
+    connections close after a few seconds, and a connection must send each request's head within the app's
+    request timeout (see `_head_timeout_protocol`)."""
+    service = getattr(app.state, "service", None)
+    timeout = service.limits.request_timeout if isinstance(service, _Service) else ServerLimits().request_timeout
+    return {"host": host, "port": port, "log_level": log_level, "timeout_graceful_shutdown": 5,
+            "timeout_keep_alive": min(KEEP_ALIVE_S, timeout), "http": _head_timeout_protocol(timeout)}
+
+
 class _Service:
     """The endpoints' logic, over one `TextGenerator` and the worker thread that runs it."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, model_name: str, limits: ServerLimits) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, names: list[str], limits: ServerLimits) -> None:
         # A server lives long: on a GPU the compiled decode step (CUDA graphs) pays for its compile within a
         # few replies; on a CPU the gain is smaller and a compile would stall the one worker for seconds, so
         # the "auto" rule decides there.
         on_gpu = next(model.parameters()).device.type == "cuda"
         self.generator = TextGenerator(model, tokenizer, fast_decode=True if on_gpu else "auto")
         self.tokenizer = tokenizer
-        self.model_name = model_name
+        self.model_name = names[0]
+        self.model_names = frozenset(names)  # the id and its aliases
         self.limits = limits
         self.context = int(model.config.max_position_embeddings)
         self.vocab_size = int(model.config.vocab_size)
@@ -156,14 +200,19 @@ class _Service:
         return {"object": "list", "data": [self._model_card()]}
 
     async def get_model(self, model_id: str) -> dict[str, Any]:
-        if model_id != self.model_name:
-            raise APIError(f"the model {model_id!r} does not exist; this server serves {self.model_name!r}",
-                           status=404, param="model", code="model_not_found")
+        self._check_model(model_id)
         return self._model_card()
+
+    def _check_model(self, requested: str | None) -> None:
+        """A request may leave `model` out (there is one model) or name it or one of its aliases."""
+        if requested is not None and requested not in self.model_names:
+            raise APIError(f"The model `{requested}` does not exist or you do not have access to it.",
+                           status=404, param="model", code="model_not_found")
 
     # ------------------------------------------------------------------ completions
     async def chat_completions(self, request: Request) -> Any:
         body = parse_body(await self._read_body(request), ChatCompletionBody)
+        self._check_model(body.model)
         messages = chat_messages(body, self.limits)
         n = choice_count(body, 1, self.limits)
         max_tokens = requested_max_tokens(body, self.limits)
@@ -194,6 +243,7 @@ class _Service:
 
     async def completions(self, request: Request) -> Any:
         body = parse_body(await self._read_body(request), CompletionBody)
+        self._check_model(body.model)
         prompts = completion_prompts(body, self.vocab_size, self.limits)
         n = choice_count(body, len(prompts), self.limits)
         max_tokens = requested_max_tokens(body, self.limits)
@@ -226,14 +276,24 @@ class _Service:
 
     # ------------------------------------------------------------------ helpers
     async def _read_body(self, request: Request) -> bytes:
-        """The raw body, refused as soon as it grows past the limit (before it is all in memory)."""
+        """The raw body, refused as soon as it grows past the limit (before it is all in memory), or when
+        it takes longer than the request timeout to arrive, all of it (a trickle is cut too)."""
         limit = self.limits.max_request_bytes
-        body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > limit:
-                raise APIError(f"the request body is larger than this server's limit of {limit} bytes")
-        return bytes(body)
+
+        async def read() -> bytes:
+            body = bytearray()
+            async for part in request.stream():
+                body += part
+                if len(body) > limit:
+                    raise APIError(f"the request body is larger than this server's limit of {limit} bytes")
+            return bytes(body)
+
+        timeout = self.limits.request_timeout
+        try:
+            return await asyncio.wait_for(read(), timeout)
+        except asyncio.TimeoutError:
+            raise APIError(f"the request body did not arrive within {timeout:g} s (the server's request "
+                           "timeout, --request-timeout)", status=408, code="request_timeout") from None
 
     def _submit(self, produce: Callable[[], Iterator[Item]]) -> Job[Item]:
         try:
@@ -375,7 +435,16 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+        if error.status == 408:  # the rest of a late body may still be coming: close, don't wait for it
+            headers = {"Connection": "close"}
         return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, error: ClientDisconnect) -> Response:
+        # Nobody is left to answer: nothing to report but a line for debugging.
+        logger.debug("%s %s: the client disconnected before sending its whole request", request.method,
+                     request.url.path)
+        return Response(status_code=400)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -388,3 +457,69 @@ def _add_error_handlers(app: FastAPI) -> None:
         kind = "invalid_request_error" if error.status_code < 500 else "server_error"
         body = APIError(message, status=error.status_code, type=kind).body()
         return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
+
+
+# ---------------------------------------------------------------------------------------- connections
+def _head_timeout_protocol(timeout: float) -> Any:
+    """uvicorn's h11 HTTP protocol, plus a deadline on request heads, which uvicorn lacks: it closes an
+    idle connection only once it has answered a request on it, and waits forever for a connection that
+    sends nothing or only part of a head. Here a connection must send a whole request head within
+    `timeout` seconds of opening, or of the end of its previous response; else it gets a 408 (when part
+    of a head came) and is closed. The body's own deadline is the app's (`_Service._read_body`)."""
+    try:
+        import h11
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+    except ImportError:  # another uvicorn layout: its own protocol, without the head deadline
+        return "auto"
+
+    body = json.dumps(APIError(f"the request head did not arrive within {timeout:g} s (the server's request "
+                               "timeout, --request-timeout)", status=408, code="request_timeout").body()).encode()
+    late_head = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                 b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+
+    class HeadTimeoutProtocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+        _head_started = False
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_head_timer()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            self._head_started = self._head_timer is not None
+            super().data_received(data)
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle or self.transport.get_protocol() is not self:
+                self._disarm_head_timer()  # a request (or a protocol upgrade) began
+
+        def on_response_complete(self) -> None:
+            self._arm_head_timer()  # before the next pipelined request, if any, starts (and disarms it)
+            super().on_response_complete()
+
+        def _arm_head_timer(self) -> None:
+            self._disarm_head_timer()
+            self._head_started = False
+            self._head_timer = self.loop.call_later(timeout, self._head_too_late)
+
+        def _disarm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_too_late(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing():
+                return
+            if self._head_started and self.conn.our_state is h11.IDLE and self.conn.their_state is h11.IDLE:
+                self.transport.write(late_head)
+            logger.debug("closed a connection that sent no whole request head within %g s", timeout)
+            self.transport.close()
+
+    return HeadTimeoutProtocol

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -43,8 +44,8 @@ class APIError(Exception):
 @dataclass(frozen=True)
 class ServerLimits:
     """Bounds on what one request may ask for, so that no single client can hold the model for long or
-    exhaust memory. `max_tokens_limit` and `max_concurrent` are the command's --max-tokens-limit and
-    --max-concurrent."""
+    exhaust memory. `max_tokens_limit`, `max_concurrent` and `request_timeout` are the command's
+    --max-tokens-limit, --max-concurrent and --request-timeout."""
 
     max_tokens_limit: int = 1024  # the largest max_tokens a request may ask for (and the default)
     max_concurrent: int = 32  # requests admitted at once, generating or waiting; more get 503
@@ -52,6 +53,9 @@ class ServerLimits:
     max_input_chars: int = 100_000  # characters (or prompt token ids) in one request, all together
     max_choices: int = 16  # completions per request: n × the number of prompts
     max_request_bytes: int = 2_000_000  # the raw request body
+    # Seconds a client has to send a request: its head (from connecting, or from the end of its previous
+    # response) and then its whole body; a slower one gets 408 and is disconnected.
+    request_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_limit", "max_concurrent", "max_messages", "max_input_chars", "max_choices",
@@ -59,6 +63,9 @@ class ServerLimits:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ServerLimits.{name} must be a positive integer, got {value!r}")
+        timeout = self.request_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            raise ValueError(f"ServerLimits.request_timeout must be a positive number of seconds, got {timeout!r}")
 
 
 # ---------------------------------------------------------------------------------------- body models
