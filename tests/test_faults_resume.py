@@ -126,3 +126,52 @@ def _live_pid() -> int:
     import os
 
     return os.getppid()  # alive for as long as this test runs
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished")
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MINILLM_CACHE_DIR", str(cache))
+        assert train(out, "--max-steps", "4", "save_every=2") == 0
+    return out
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _drop_key(key: str):
+    def fault(path: Path) -> None:
+        state = json.loads(path.read_text())
+        del state[key]
+        path.write_text(json.dumps(state))
+    return fault
+
+
+STATE_FAULTS = {
+    "state.json not JSON": ("state.json", lambda p: p.write_text("{not json"), "state.json"),
+    "state.json empty": ("state.json", lambda p: p.write_text(""), "state.json"),
+    "state.json an array": ("state.json", lambda p: p.write_text("[1, 2]"), "state.json"),
+    "state.json without step": ("state.json", _drop_key("step"), "trainer_state"),
+    "state.json without loader": ("state.json", _drop_key("loader"), "trainer_state"),
+    "optimizer.pt truncated": ("optimizer.pt", _truncate, "optimizer.pt"),
+    "optimizer.pt garbage": ("optimizer.pt", lambda p: p.write_bytes(b"\x00garbage" * 10), "optimizer.pt"),
+    "optimizer.pt missing": ("optimizer.pt", lambda p: p.unlink(), "optimizer.pt"),
+    "state.pt truncated": ("state.pt", _truncate, "state.pt"),
+    "state.pt missing": ("state.pt", lambda p: p.unlink(), "state.pt"),
+}
+
+
+@pytest.mark.parametrize("fault", STATE_FAULTS, ids=list(STATE_FAULTS))
+def test_a_damaged_training_state_is_one_line_naming_the_file(fault, finished_run, tmp_path, capsys):
+    name, damage, culprit = STATE_FAULTS[fault]
+    out = tmp_path / "run"
+    shutil.copytree(finished_run / "step_4", out / "step_4")
+    damage(out / "step_4" / STATE_DIR / name)
+    capsys.readouterr()
+    assert train(out, "--max-steps", "6", "save_every=2", "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err and "internal error" not in err, err
+    assert culprit in err and str(out / "step_4") in err, err

@@ -122,17 +122,20 @@ def _parser() -> argparse.ArgumentParser:
     tok_train = command(tokenizer_commands, "train", "train a byte-level BPE tokenizer on a corpus",
                         "tokenizer train")
     tok_train.add_argument("--data", default="builtin", help="'builtin' or a text/JSONL file or directory")
-    tok_train.add_argument("--vocab-size", type=int, default=4096)
+    tok_train.add_argument("--vocab-size", type=int, default=4096,
+                           help="tokens in all, at least 260 (256 byte symbols and 4 special tokens)")
     tok_train.add_argument("--num-documents", type=int, default=20000,
                            help="documents of the built-in corpus to train on")
     tok_train.add_argument("--text-field", default="text", help="JSONL field holding the text")
     tok_train.add_argument("--out", required=True, help="directory to save the tokenizer to")
+    tok_train.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty (else refused)")
     tok_eval = command(tokenizer_commands, "eval", "compare tokenizers on a corpus: characters and bytes per token",
                        "tokenizer eval")
     tok_eval.add_argument("--data", default="builtin", help="'builtin' or a text/JSONL file or directory")
     tok_eval.add_argument("--tokenizer", action="append", required=True, dest="tokenizers",
                           help="a tokenizer directory, tokenizer.json, or tiktoken name (gpt2, cl100k_base); repeat")
-    tok_eval.add_argument("--max-documents", type=int, default=2000)
+    tok_eval.add_argument("--max-documents", type=int, default=2000,
+                          help="compare on this many documents (each cut to its first 2M characters)")
 
     data = commands.add_parser("data", help="download, prepare and inspect datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -161,6 +164,8 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--val-fraction", type=float, default=0.0)
     prepare.add_argument("--seed", type=int, default=0)
     prepare.add_argument("--skip-bad", action="store_true", help="skip and count malformed records instead of stopping")
+    prepare.add_argument("--overwrite", action="store_true",
+                         help="replace --out if it is not empty (else refused; its old contents are deleted)")
     inspect = command(data_commands, "inspect", "record counts, lengths and a length histogram", "data inspect")
     inspect.add_argument("path", help="a text/JSONL/JSON file or directory, or a token shard directory")
     inspect.add_argument("--tokenizer", help="count tokens with this tokenizer (directory or tiktoken name)")
@@ -213,11 +218,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=os.environ.get("MINILLM_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1/ requests (default: $MINILLM_API_KEY)")
-    serve.add_argument("--model-name", help="the model id clients see in /v1/models (default: CHECKPOINT)")
+    serve.add_argument("--model-name", action="append",
+                       help="the model id /v1/models lists and responses carry (default: from CHECKPOINT's path, "
+                            "e.g. sft_tiny-final); repeat to add aliases requests may name too")
     serve.add_argument("--max-tokens-limit", type=int, default=1024,
                        help="the largest max_tokens a request may ask for, and the default")
     serve.add_argument("--max-concurrent", type=int, default=32,
                        help="requests admitted at once (one generates, the rest wait in line); more get 503")
+    serve.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="time a client has to send a request's head, then its body; slower ones get 408 "
+                            "(default: 30)")
     serve.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
 
     evaluate = command(commands, "eval", "evaluate a checkpoint: perplexity, label-token classification, multiple "
@@ -266,6 +276,7 @@ def _parser() -> argparse.ArgumentParser:
     export_hf.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                            help="weight dtype (auto: the checkpoint's)")
     export_hf.add_argument("--max-shard-size", default="2GB", help="larger weights are split into shards with an index")
+    export_hf.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty (else refused)")
 
     export_onnx = command(export_commands, "onnx", "an ONNX graph (input_ids, attention_mask -> logits; any batch "
                           "and sequence length), checked against onnxruntime", "export onnx")
@@ -276,6 +287,7 @@ def _parser() -> argparse.ArgumentParser:
     export_onnx.add_argument("--kv-cache", action="store_true",
                              help="the graph also takes past_key_values.N.key|value and returns present.N.key|value, "
                                   "for decoding one token per call")
+    export_onnx.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty (else refused)")
 
     plot = command(commands, "plot", "redraw a run's plots (plots/*.png) from its metrics.jsonl")
     plot.add_argument("run_dir", help="a run directory holding metrics.jsonl")
@@ -389,28 +401,50 @@ def _train_pipeline(args: argparse.Namespace) -> int:
 def _tokenizer_train(args: argparse.Namespace) -> int:
     from minillm.data.builtin import builtin_corpus
     from minillm.data.pretrain import iter_documents
+    from minillm.errors import MiniLLMError
+    from minillm.io import check_output_dir, staged_directory
     from minillm.tokenizer import BPETokenizer
+    from minillm.tokenizer.bpe_tokenizer import BYTE_ALPHABET_SIZE, SPECIAL_TOKENS, TRAIN_MAX_TEXT_CHARS
 
+    minimum = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
+    if args.vocab_size < minimum:
+        raise MiniLLMError(f"--vocab-size must be at least {minimum} ({BYTE_ALPHABET_SIZE} byte symbols and "
+                           f"{len(SPECIAL_TOKENS)} special tokens), got {args.vocab_size}")
+    if args.data == "builtin" and args.num_documents < 1:
+        raise MiniLLMError(f"--num-documents must be at least 1, got {args.num_documents}")
+    check_output_dir(args.out, args.overwrite)  # before the training, which can take a while
     tokenizer = BPETokenizer(vocab_size=args.vocab_size)
     if args.data == "builtin":
-        tokenizer.train(builtin_corpus(args.num_documents))
+        tokenizer.train(builtin_corpus(args.num_documents), source="builtin")
     else:
-        tokenizer.train(iter_documents(args.data, args.text_field))
-    tokenizer.save_pretrained(args.out)
+        tokenizer.train(iter_documents(args.data, args.text_field, max_chars=TRAIN_MAX_TEXT_CHARS), source=args.data)
+    with staged_directory(args.out, args.overwrite) as staged:
+        tokenizer.save_pretrained(staged)
     print(f"saved a {len(tokenizer)}-token tokenizer to {args.out}")
     return 0
 
 
 def _tokenizer_eval(args: argparse.Namespace) -> int:
     from minillm.data.builtin import builtin_corpus
+    from minillm.data.formats import DataError
     from minillm.data.pretrain import iter_documents
+    from minillm.errors import MiniLLMError
     from minillm.tokenizer.manager import evaluate_tokenizers, format_tokenizer_table
     from minillm.tokenizer.pretrained import load_tokenizer
 
+    if args.max_documents < 1:
+        raise MiniLLMError(f"--max-documents must be at least 1, got {args.max_documents}")
     if args.data == "builtin":
         texts = builtin_corpus(args.max_documents, seed=123)
     else:
-        texts = [t for _, t in zip(range(args.max_documents), iter_documents(args.data))]
+        texts = []
+        for text in iter_documents(args.data, max_chars=1 << 21):
+            if text and not text.isspace():
+                texts.append(text)
+                if len(texts) >= args.max_documents:
+                    break
+        if not texts:
+            raise DataError(f"{args.data}: empty corpus: no non-blank document to compare the tokenizers on")
     tokenizers = {spec: load_tokenizer(spec) for spec in args.tokenizers}
     print(format_tokenizer_table(evaluate_tokenizers(tokenizers, texts)))
     return 0
@@ -428,15 +462,19 @@ def _data(args: argparse.Namespace) -> int:
             print(path)
         return 0
     if args.data_command == "prepare":
-        from minillm.data.prepare import prepare_dataset
+        from minillm.data.formats import DataError
+        from minillm.data.prepare import PrepareOptionError, prepare_dataset
 
         sample = None if args.sample is None else (args.sample if args.sample <= 1 else int(args.sample))
-        report = prepare_dataset(args.inputs, args.out, kind=args.kind,
-                                 normalize=None if args.normalize == "none" else args.normalize,
-                                 min_chars=args.min_chars, max_chars=args.max_chars, dedup=not args.no_dedup,
-                                 near_dup_threshold=None if args.no_near_dup else args.near_dup_threshold,
-                                 sample=sample, val_fraction=args.val_fraction, seed=args.seed,
-                                 skip_bad=args.skip_bad)
+        try:
+            report = prepare_dataset(args.inputs, args.out, kind=args.kind,
+                                     normalize=None if args.normalize == "none" else args.normalize,
+                                     min_chars=args.min_chars, max_chars=args.max_chars, dedup=not args.no_dedup,
+                                     near_dup_threshold=None if args.no_near_dup else args.near_dup_threshold,
+                                     sample=sample, val_fraction=args.val_fraction, seed=args.seed,
+                                     skip_bad=args.skip_bad, overwrite=args.overwrite)
+        except PrepareOptionError as e:  # named by its flag, not the library's parameter
+            raise DataError(f"--{e.option.replace('_', '-')} {e.detail}") from None
         print(report.format())
         return 0
     from minillm.data.prepare import format_inspection, inspect_dataset
@@ -490,14 +528,21 @@ def _serve(args: argparse.Namespace) -> int:
             allowed = f"between {low} and {high}" if high is not None else f"at least {low}"
             print(f"minillm serve: error: {flag} must be {allowed}, got {value}", file=sys.stderr)
             return 2
+    if not 0 < args.request_timeout < float("inf"):  # also refuses nan
+        print(f"minillm serve: error: --request-timeout must be a positive number of seconds, got "
+              f"{args.request_timeout:g}", file=sys.stderr)
+        return 2
     if args.api_key is not None and not args.api_key.strip():
         print("minillm serve: error: --api-key is empty", file=sys.stderr)
+        return 2
+    if any(not name.strip() for name in args.model_name or ()):
+        print("minillm serve: error: --model-name is empty", file=sys.stderr)
         return 2
 
     import torch
 
     from minillm.model.transformer import MiniGPT
-    from minillm.serving import ServerLimits, create_app, run_server
+    from minillm.serving import ServerLimits, create_app, default_model_id, run_server
     from minillm.tokenizer import BPETokenizer
     from minillm.training.checkpoint import resolve_checkpoint
 
@@ -505,11 +550,13 @@ def _serve(args: argparse.Namespace) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = MiniGPT.from_pretrained(directory, device=device)
     tokenizer = BPETokenizer.from_pretrained(directory)
-    name = args.model_name or args.checkpoint
-    limits = ServerLimits(max_tokens_limit=args.max_tokens_limit, max_concurrent=args.max_concurrent)
-    app = create_app(model, tokenizer, model_name=name, api_key=args.api_key, limits=limits)
+    name, *aliases = dict.fromkeys(args.model_name or [default_model_id(args.checkpoint)])
+    limits = ServerLimits(max_tokens_limit=args.max_tokens_limit, max_concurrent=args.max_concurrent,
+                          request_timeout=args.request_timeout)
+    app = create_app(model, tokenizer, model_name=name, aliases=aliases, api_key=args.api_key, limits=limits)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {name!r} on {device}: chat page http://{host}:{args.port}/ , "
+    also = f" (also as {', '.join(map(repr, aliases))})" if aliases else ""
+    print(f"serving {name!r}{also} on {device}: chat page http://{host}:{args.port}/ , "
           f"API http://{host}:{args.port}/v1", file=sys.stderr)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"minillm serve: warning: listening on {args.host} without --api-key: anyone who can reach "
@@ -538,14 +585,15 @@ def _eval(args: argparse.Namespace) -> int:
     from minillm import evaluation
     from minillm.inference.generator import TextGenerator
     from minillm.model.transformer import MiniGPT
-    from minillm.tokenizer.pretrained import load_tokenizer
+    from minillm.tokenizer import BPETokenizer
     from minillm.training.checkpoint import resolve_checkpoint
 
     directory = resolve_checkpoint(args.checkpoint)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = MiniGPT.from_pretrained(directory, device=device)
     needs_text = args.perplexity or args.multiple_choice or args.word_problems or args.references
-    tokenizer = load_tokenizer(directory) if needs_text else None  # a classifier may have only a vocab.json
+    # a classifier may have only a vocab.json; the others need the checkpoint's tokenizer files
+    tokenizer = BPETokenizer.from_pretrained(directory) if needs_text else None
     chat = args.prompt_format == "chat"
     results = []
     try:
@@ -600,10 +648,13 @@ def _eval_classification(model, directory: Path, data: str, vocab: str | None, b
 
 
 def _export(args: argparse.Namespace) -> int:
+    from minillm.errors import CheckpointError
     from minillm.export.hf import ExportError
 
     try:
         return _export_onnx(args) if args.export_command == "onnx" else _export_hf(args)
+    except CheckpointError:  # already names the file of the checkpoint that is wrong
+        raise
     except ExportError as e:  # named with the checkpoint it is about
         print(f"minillm export {args.export_command}: error: {args.checkpoint}: {e}", file=sys.stderr)
         return 2
@@ -613,7 +664,8 @@ def _export_hf(args: argparse.Namespace) -> int:
     from minillm.export.hf import export_hf
     from minillm.training.checkpoint import resolve_checkpoint
 
-    out = export_hf(resolve_checkpoint(args.checkpoint), args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    out = export_hf(resolve_checkpoint(args.checkpoint), args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                    overwrite=args.overwrite)
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     print(f"wrote {out}: {config['architectures'][0]} ({config['model_type']}, {config['dtype']}); load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
@@ -625,7 +677,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
     from minillm.training.checkpoint import resolve_checkpoint
 
     out, check = export_onnx(resolve_checkpoint(args.checkpoint), args.out, opset=args.opset, check=not args.no_check,
-                             kv_cache=args.kv_cache)
+                             kv_cache=args.kv_cache, overwrite=args.overwrite)
     checked = (f"; onnxruntime matches PyTorch within {check.max_abs_diff:.1e} on (batch, length) {check.shapes}"
                + (f" and {check.decode_steps} calls through the returned KV cache" if check.decode_steps else "")
                if check else "")

@@ -3,12 +3,16 @@ one) and the cache directory they often go to."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from minillm.errors import OutputExistsError
 
 
 def cache_root() -> Path:
@@ -67,3 +71,37 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def check_output_dir(path: str | Path, overwrite: bool = False, flag: str = "--overwrite") -> Path:
+    """Refuse an output directory that exists and is not empty (or is a file) unless `overwrite`: no
+    command replaces a user's files without being asked to. Call it before any expensive work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{path}: exists and is not a directory")
+    if not overwrite and path.is_dir() and any(path.iterdir()):
+        raise OutputExistsError(f"{path}: directory is not empty; pass {flag} to replace it, or choose another")
+    return path
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary sibling of `out_dir` (`.NAME.tmp-PID`) to write into; it takes `out_dir`'s place only if
+    the block succeeds, so a failed or killed write never leaves a half-written directory. A non-empty
+    `out_dir` is refused unless `overwrite`; then the old one is moved aside (`.NAME.old-PID`) before the
+    rename and deleted after it."""
+    out_dir = check_output_dir(out_dir, overwrite)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        fsync_dir(out_dir.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

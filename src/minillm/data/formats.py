@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
 from minillm.errors import MiniLLMError
 
 logger = logging.getLogger("minillm.data")
@@ -284,27 +285,34 @@ class Schema:
     shape: str  # what it looks like, for error messages
     match: Callable[[dict], bool]
     convert: Callable[[dict], Any]
+    required: tuple[str, ...] = ()  # its top-level fields, for naming the ones a near miss lacks
 
 
 # First match wins: the more specific schemas come first.
 SCHEMAS: tuple[Schema, ...] = (
     Schema("sharegpt_pref", "preference", '{"conversations": [{"from", "value"}], "chosen", "rejected"}',
-           _has("conversations", "chosen", "rejected"), _from_sharegpt_pref),
-    Schema("trl", "preference", '{"prompt", "chosen", "rejected"}', _has("prompt", "chosen", "rejected"), _from_trl),
+           _has("conversations", "chosen", "rejected"), _from_sharegpt_pref, ("conversations", "chosen", "rejected")),
+    Schema("trl", "preference", '{"prompt", "chosen", "rejected"}', _has("prompt", "chosen", "rejected"), _from_trl,
+           ("prompt", "chosen", "rejected")),
     Schema("trl_implicit", "preference", '{"chosen": [messages], "rejected": [messages]}',
-           lambda o: isinstance(o.get("chosen"), list) and isinstance(o.get("rejected"), list), _from_trl_implicit),
-    Schema("messages", "conversation", '{"messages": [{"role", "content"}]}', _has("messages"), _from_messages),
-    Schema("sharegpt", "conversation", '{"conversations": [{"from", "value"}]}', _sharegpt_style, _from_sharegpt),
+           lambda o: isinstance(o.get("chosen"), list) and isinstance(o.get("rejected"), list), _from_trl_implicit,
+           ("chosen", "rejected")),
+    Schema("messages", "conversation", '{"messages": [{"role", "content"}]}', _has("messages"), _from_messages, ("messages",)),
+    Schema("sharegpt", "conversation", '{"conversations": [{"from", "value"}]}', _sharegpt_style, _from_sharegpt,
+           ("conversations",)),
     Schema("minimind", "conversation", '{"conversations": [{"role", "content"}]}',
-           _has("conversations"), _from_minimind),
+           _has("conversations"), _from_minimind, ("conversations",)),
     Schema("alpaca", "conversation", '{"instruction", "input"?, "output"}', _has("instruction", "output"),
-           _from_alpaca),
-    Schema("qa", "conversation", '{"question", "answer"}', _has("question", "answer"), _from_qa),
+           _from_alpaca, ("instruction", "output")),
+    Schema("qa", "conversation", '{"question", "answer"}', _has("question", "answer"), _from_qa,
+           ("question", "answer")),
     Schema("prompt_completion", "conversation", '{"prompt", "completion"}', _has("prompt", "completion"),
-           _from_prompt_completion),
-    Schema("prompt", "prompt", '{"prompt": text or [messages], …other fields}', _has("prompt"), _from_prompt),
-    Schema("labelled", "labelled", '{"tokens", "label"}', _has("tokens", "label"), _from_labelled),
-    Schema("text", "text", '{"text"}', _has("text"), _from_text),
+           _from_prompt_completion, ("prompt", "completion")),
+    Schema("prompt", "prompt", '{"prompt": text or [messages], …other fields}', _has("prompt"), _from_prompt,
+           ("prompt",)),
+    Schema("labelled", "labelled", '{"tokens", "label"}', _has("tokens", "label"), _from_labelled,
+           ("tokens", "label")),
+    Schema("text", "text", '{"text"}', _has("text"), _from_text, ("text",)),
 )
 
 
@@ -317,7 +325,22 @@ def _find_schema(obj: Any, kind: str | None = None) -> Schema:
             return schema
     expected = "; ".join(f"{s.name} {s.shape}" for s in SCHEMAS if kind in (None, s.kind))
     raise DataError(f"record matches no known {kind + ' ' if kind else ''}schema "
-                    f"(fields: {', '.join(map(str, obj)) or 'none'}); expected one of: {expected}")
+                    f"(fields: {', '.join(map(str, obj)) or 'none'}){_missing_hint(obj, kind)}; "
+                    f"expected one of: {expected}")
+
+
+def _missing_hint(obj: dict, kind: str | None) -> str:
+    """`"; missing field 'rejected' of schema trl"` for the schema (of `kind`, if given) that `obj` has
+    the most fields of, when it has some but not all of them; else ""."""
+    best, present = None, 0
+    for schema in SCHEMAS:
+        have = sum(name in obj for name in schema.required)
+        if kind in (None, schema.kind) and have > present and have < len(schema.required):
+            best, present = schema, have
+    if best is None:
+        return ""
+    missing = [name for name in best.required if name not in obj]
+    return f"; missing field{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} of schema {best.name}"
 
 
 def detect_schema(obj: Any) -> tuple[str, str] | None:
@@ -457,7 +480,8 @@ def _scan(path: Path, result: LoadResult, skip_bad: bool) -> Iterator[tuple[int,
                 schema = _find_schema(obj, result.kind or None)
                 if result.kind and schema.kind != result.kind:
                     seen = f"a {schema.kind} record (schema {schema.name!r})"
-                    raise DataError(f"expected {result.kind} records, got {seen}" if given else
+                    raise DataError(f"expected {result.kind} records, got {seen}{_missing_hint(obj, result.kind)}"
+                                    if given else
                                     f"mixing schemas: {seen} in {result.kind} data (first record: {first})")
                 record = schema.convert(obj)
             except DataError as e:

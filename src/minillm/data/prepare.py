@@ -19,10 +19,11 @@ files go through `minillm.data.formats`, so every schema it knows is accepted) a
 
 The survivors go to `out_dir/train.jsonl` (and `val.jsonl`) in one canonical schema per kind —
 `{"text"}`, `{"messages": [...]}`, `{"prompt": [...], "chosen", "rejected"}`, `{"tokens", "label"}` —
-written atomically, with `out_dir/report.json` (`PrepareReport`): what was read, kept and dropped for
-which reason, with the first locations of each. Text is streamed (to a temporary file in `out_dir`
-between the filtering pass and the sampling/writing pass); only the de-duplication state grows with
-the corpus: per kept record a 16-byte hash with its location, a 512-byte MinHash signature and one
+with `out_dir/report.json` (`PrepareReport`): what was read, kept and dropped for which reason, with
+the first locations of each. All of it is written into a temporary sibling of `out_dir` that takes its
+place only when complete, so a killed run never leaves half a dataset, and a non-empty `out_dir` is
+refused unless `overwrite`. Text is streamed (to a temporary file between the filtering pass and the
+sampling/writing pass); only the de-duplication state grows with the corpus: per kept record a 16-byte hash with its location, a 512-byte MinHash signature and one
 16-byte LSH bucket entry per band (about 1 KB in all).
 
 `inspect_dataset` summarises a text file, JSONL/JSON file, directory or token shard directory:
@@ -50,6 +51,7 @@ import numpy as np
 from minillm.data import formats
 from minillm.data.formats import Conversation, DataError, LabelledSequence, PreferencePair
 from minillm.data.pretrain import (
+    DOCUMENT_SPLIT_CHARS,
     JSON_SUFFIXES,
     META_FILE,
     TEXT_CHUNK_CHARS,
@@ -57,9 +59,10 @@ from minillm.data.pretrain import (
     TokenShards,
     find_corpus_files,
     iter_document_parts,
+    split_document,
     splits_exactly,
 )
-from minillm.io import atomic_write, atomic_write_json, fsync_dir
+from minillm.io import atomic_write, atomic_write_json, check_output_dir, staged_directory
 
 logger = logging.getLogger("minillm.data")
 
@@ -261,6 +264,8 @@ def _content(record: Any) -> str:
         return "\n".join([*(m.content for m in record.prompt), record.chosen, record.rejected])
     if isinstance(record, LabelledSequence):
         return " ".join(record.tokens)
+    if isinstance(record, formats.PromptRecord):
+        return "\n".join(m.content for m in record.prompt)
     raise TypeError(f"unknown record type {type(record).__name__}")
 
 
@@ -304,6 +309,8 @@ def _kind_of(record: Any) -> str:
         return "conversation"
     if isinstance(record, PreferencePair):
         return "preference"
+    if isinstance(record, formats.PromptRecord):
+        return "prompt"
     return "labelled"
 
 
@@ -318,7 +325,7 @@ class _Item:
     reason: str = ""
 
 
-def _iter_json_file(file: Path, kind: str | None, skip_bad: bool) -> Iterator[_Item]:
+def _iter_json_file(file: Path, kind: str | None, skip_bad: bool, allow_prompts: bool = False) -> Iterator[_Item]:
     """The records of one JSON(L) file through `formats`, interleaved with its bad records (skip_bad)."""
     # The LoadResult passed to `iter_records` reports each record's schema and the bad records skipped.
     result = formats.LoadResult([], kind or "", {}, file)
@@ -331,6 +338,14 @@ def _iter_json_file(file: Path, kind: str | None, skip_bad: bool) -> Iterator[_I
             reported = len(result.skipped)
             schema = next((s for s, n in result.schemas.items() if n != counts.get(s, 0)), "")
             counts = dict(result.schemas)
+            if isinstance(record, formats.PromptRecord) and not allow_prompts:  # prepare has no output for them
+                hint = formats._missing_hint({"prompt": None, **record.columns}, None)
+                reason = (f"a prompt record (schema {schema!r}){hint}; data prepare takes text, conversation, "
+                          "preference and labelled records")
+                if not skip_bad:
+                    raise DataError(f"{file}:{line}: {reason}")
+                yield _Item(file, line, reason=reason)
+                continue
             yield _Item(file, line, record, schema)
     except DataError:
         # A file without a single good record is an error for `formats`; here, with skip_bad, its bad
@@ -343,14 +358,15 @@ def _iter_json_file(file: Path, kind: str | None, skip_bad: bool) -> Iterator[_I
         yield _Item(file, bad.line, reason=bad.reason)
 
 
-def _iter_items(files: Sequence[Path], kind: str | None, skip_bad: bool, per_file_kind: bool = False) -> Iterator[_Item]:
+def _iter_items(files: Sequence[Path], kind: str | None, skip_bad: bool, per_file_kind: bool = False,
+                allow_prompts: bool = False) -> Iterator[_Item]:
     """Every record of `files`; the first valid record fixes the kind unless `kind` is given (or, with
-    `per_file_kind`, for each file separately)."""
+    `per_file_kind`, for each file separately). RL prompt records are bad records unless `allow_prompts`."""
     for file in files:
         if per_file_kind:
             kind = None
         if file.suffix.lower() in JSON_SUFFIXES:
-            for item in _iter_json_file(file, kind, skip_bad):
+            for item in _iter_json_file(file, kind, skip_bad, allow_prompts):
                 if kind is None and item.record is not None:
                     kind = _kind_of(item.record)
                 yield item
@@ -439,25 +455,35 @@ class PrepareReport:
 
 
 # ---------------------------------------------------------------------------------------- prepare
+class PrepareOptionError(DataError):
+    """A `prepare_dataset` option out of range; `option` is the parameter's name, which the message
+    starts with (the CLI puts its flag in its place)."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option} {message}")
+        self.option = option
+        self.detail = message
+
+
 def _check_options(normalize: str | None, min_chars: int, max_chars: int | None, near_dup_threshold: float | None,
                    sample: float | int | None, val_fraction: float) -> None:
     if normalize is not None and normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)} or None, got {normalize!r}")
+        raise PrepareOptionError("normalize", f"must be one of {', '.join(NORMALIZATIONS)} or None, got {normalize!r}")
     if min_chars < 0:
-        raise ValueError(f"min_chars must be >= 0, got {min_chars}")
+        raise PrepareOptionError("min_chars", f"must be >= 0, got {min_chars}")
     if max_chars is not None and max_chars < max(min_chars, 1):
-        raise ValueError(f"max_chars must be >= min_chars ({min_chars}) and >= 1, got {max_chars}")
+        raise PrepareOptionError("max_chars", f"must be >= min_chars ({min_chars}) and >= 1, got {max_chars}")
     if near_dup_threshold is not None and not 0.0 < near_dup_threshold <= 1.0:
-        raise ValueError(f"near_dup_threshold must be in (0, 1] or None, got {near_dup_threshold}")
+        raise PrepareOptionError("near_dup_threshold", f"must be in (0, 1] or None, got {near_dup_threshold}")
     if sample is not None:
         if isinstance(sample, bool) or not isinstance(sample, (int, float)):
-            raise ValueError(f"sample must be a fraction in (0, 1], a count >= 1, or None; got {sample!r}")
+            raise PrepareOptionError("sample", f"must be a fraction in (0, 1], a count >= 1, or None; got {sample!r}")
         if isinstance(sample, float) and not 0.0 < sample <= 1.0:
-            raise ValueError(f"a sample fraction must be in (0, 1], got {sample}")
+            raise PrepareOptionError("sample", f"must be a fraction in (0, 1] or a count >= 1, got {sample}")
         if isinstance(sample, int) and sample < 1:
-            raise ValueError(f"a sample count must be >= 1, got {sample}")
+            raise PrepareOptionError("sample", f"must be a fraction in (0, 1] or a count >= 1, got {sample}")
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise PrepareOptionError("val_fraction", f"must be in [0, 1), got {val_fraction}")
 
 
 def prepare_dataset(
@@ -474,6 +500,7 @@ def prepare_dataset(
     val_fraction: float = 0.0,
     seed: int = 0,
     skip_bad: bool = False,
+    overwrite: bool = False,
 ) -> PrepareReport:
     """Clean, filter, de-duplicate, sample and split `inputs` (files or directories) into
     `out_dir/train.jsonl` (+ `val.jsonl` when `val_fraction` > 0) and `out_dir/report.json`.
@@ -485,14 +512,19 @@ def prepare_dataset(
     number of records (an int) drawn with `seed` from the survivors, in their original order;
     `val_fraction` of those go to `val.jsonl` (at least one when there are two or more). A bad record
     raises `DataError` naming file and line, or with `skip_bad` is counted as "malformed".
+
+    A non-empty `out_dir` is refused (`OutputExistsError`) before any input is read, unless
+    `overwrite`, which replaces it. The outputs are written into a temporary sibling directory that
+    takes `out_dir`'s place only when they are complete (`staged_directory`), so a failed or killed
+    run leaves nothing half-written. When no record is left to write (empty inputs, every record
+    bad, or all filtered out) a `DataError` says why and nothing is written.
     """
     _check_options(normalize, min_chars, max_chars, near_dup_threshold, sample, val_fraction)
     if kind is not None and kind not in formats.KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(formats.KINDS)} or None")
+    out_dir = check_output_dir(out_dir, overwrite)
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     files = _input_files(inputs)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     lsh = MinHashLSH(near_dup_threshold) if near_dup_threshold is not None else None
     report = PrepareReport(
         inputs=[str(p) for p in inputs], out_dir=str(out_dir),
@@ -508,66 +540,81 @@ def prepare_dataset(
     seen: dict[bytes, tuple[int, int]] = {}  # exact-duplicate key → (file index, line) of the kept record
     kept_at: list[tuple[int, int]] = []  # LSH index → (file index, line)
 
-    fd, survivors_path = tempfile.mkstemp(prefix=".prepare-", suffix=".tmp", dir=out_dir)
-    try:
-        survivors = 0
-        with os.fdopen(fd, "w", encoding="utf-8") as survivors_file:
-            for item in _iter_items(files, kind, skip_bad):
-                report.read += 1
-                if item.record is None:
-                    report.drop("malformed", item.file, item.line, item.reason)
-                    continue
-                report.kind = report.kind or _kind_of(item.record)
-                report.schemas[item.schema] = report.schemas.get(item.schema, 0) + 1
-                cleaned = _clean_record(item.record, normalize)
-                if cleaned is None:
-                    report.drop("empty", item.file, item.line, "nothing left after cleaning")
-                    continue
-                obj, content, key = cleaned
-                if len(content) < min_chars:
-                    report.drop("too_short", item.file, item.line, f"{len(content)} < {min_chars} characters")
-                    continue
-                if max_chars is not None and len(content) > max_chars:
-                    report.drop("too_long", item.file, item.line, f"{len(content)} > {max_chars} characters")
-                    continue
-                source = sources[str(item.file)]
-                if dedup:
-                    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=16).digest()
-                    if digest in seen:
-                        first = seen[digest]
-                        report.drop("duplicate", item.file, item.line, f"of {names[first[0]]}:{first[1]}")
+    with staged_directory(out_dir, overwrite) as stage:
+        fd, survivors_path = tempfile.mkstemp(prefix=".prepare-", suffix=".tmp", dir=stage)
+        try:
+            survivors = 0
+            with os.fdopen(fd, "w", encoding="utf-8") as survivors_file:
+                for item in _iter_items(files, kind, skip_bad):
+                    report.read += 1
+                    if item.record is None:
+                        report.drop("malformed", item.file, item.line, item.reason)
                         continue
-                    seen[digest] = (source, item.line)
-                if lsh is not None and not isinstance(item.record, LabelledSequence):
-                    signature = lsh.signature(content)
-                    match = lsh.query(signature)
-                    if match is not None:
-                        first = kept_at[match[0]]
-                        report.drop("near_duplicate", item.file, item.line,
-                                    f"~{match[1]:.2f} similar to {names[first[0]]}:{first[1]}")
+                    report.kind = report.kind or _kind_of(item.record)
+                    report.schemas[item.schema] = report.schemas.get(item.schema, 0) + 1
+                    cleaned = _clean_record(item.record, normalize)
+                    if cleaned is None:
+                        report.drop("empty", item.file, item.line, "nothing left after cleaning")
                         continue
-                    lsh.add(signature)
-                    kept_at.append((source, item.line))
-                survivors_file.write(f"{source}\t{item.line}\t{json.dumps(obj, ensure_ascii=False)}\n")
-                survivors += 1
-        if report.read and not report.schemas:
-            first = report.examples["malformed"][0]
-            raise DataError(f"every record is bad ({report.read} read; first: {first['file']}:{first['line']}: "
-                            f"{first['detail']})")
-        _write_outputs(Path(survivors_path), survivors, out_dir, report, names, sample, val_fraction, seed)
-    finally:
-        if os.path.exists(survivors_path):
-            os.unlink(survivors_path)
-    atomic_write_json(out_dir / "report.json", report.to_dict())
-    if report.kept == 0:
-        logger.warning("prepare_dataset kept no record of %d read; see %s", report.read, out_dir / "report.json")
+                    obj, content, key = cleaned
+                    if len(content) < min_chars:
+                        report.drop("too_short", item.file, item.line, f"{len(content)} < {min_chars} characters")
+                        continue
+                    if max_chars is not None and len(content) > max_chars:
+                        report.drop("too_long", item.file, item.line, f"{len(content)} > {max_chars} characters")
+                        continue
+                    source = sources[str(item.file)]
+                    if dedup:
+                        digest = hashlib.blake2b(key.encode("utf-8"), digest_size=16).digest()
+                        if digest in seen:
+                            first = seen[digest]
+                            report.drop("duplicate", item.file, item.line, f"of {names[first[0]]}:{first[1]}")
+                            continue
+                        seen[digest] = (source, item.line)
+                    if lsh is not None and not isinstance(item.record, LabelledSequence):
+                        signature = lsh.signature(content)
+                        match = lsh.query(signature)
+                        if match is not None:
+                            first = kept_at[match[0]]
+                            report.drop("near_duplicate", item.file, item.line,
+                                        f"~{match[1]:.2f} similar to {names[first[0]]}:{first[1]}")
+                            continue
+                        lsh.add(signature)
+                        kept_at.append((source, item.line))
+                    survivors_file.write(f"{source}\t{item.line}\t{json.dumps(obj, ensure_ascii=False)}\n")
+                    survivors += 1
+            if report.read and not report.schemas:
+                first = report.examples["malformed"][0]
+                raise DataError(f"every record is bad ({report.read} read; first: {first['file']}:{first['line']}: "
+                                f"{first['detail']}); nothing written")
+            _write_outputs(Path(survivors_path), survivors, stage, report, names, sample, val_fraction, seed)
+        finally:
+            if os.path.exists(survivors_path):
+                os.unlink(survivors_path)
+        report.files = {name: str(out_dir / Path(path).name) for name, path in report.files.items()}
+        atomic_write_json(stage / "report.json", report.to_dict())
     logger.info("%s", report.format())
     return report
 
 
+def _nothing_left(report: PrepareReport) -> DataError:
+    """Why a preparation has no record to write, in one line."""
+    inputs = ", ".join(report.inputs)
+    if report.read == 0:
+        return DataError(f"{inputs}: no records to prepare (empty input); nothing written")
+    drops = []
+    for reason in sorted(report.dropped, key=lambda r: REASONS.index(r) if r in REASONS else len(REASONS)):
+        first = report.examples.get(reason, [])
+        where = f" (first: {first[0]['file']}:{first[0]['line']})" if first else ""
+        drops.append(f"{reason} {report.dropped[reason]}{where}")
+    return DataError(f"{inputs}: no record left to write of {report.read} read (dropped: {', '.join(drops)}); "
+                     "nothing written")
+
+
 def _write_outputs(survivors_path: Path, survivors: int, out_dir: Path, report: PrepareReport, names: list[str],
                    sample: float | int | None, val_fraction: float, seed: int) -> None:
-    """Draw the sample and the validation split from the survivors, then write train/val JSONL."""
+    """Draw the sample and the validation split from the survivors, then write train/val JSONL; a
+    `DataError` (`_nothing_left`) when no record would be written."""
     rng = np.random.default_rng(seed)
     if sample is None:
         chosen = np.ones(survivors, dtype=bool)
@@ -591,6 +638,8 @@ def _write_outputs(survivors_path: Path, survivors: int, out_dir: Path, report: 
     for i, name, line_no, _ in lines():
         if not chosen[i]:
             report.drop("sampled_out", name, int(line_no))
+    if kept == 0:
+        raise _nothing_left(report)
 
     def write(split_val: bool) -> Any:
         def writer(tmp: str) -> None:
@@ -605,9 +654,6 @@ def _write_outputs(survivors_path: Path, survivors: int, out_dir: Path, report: 
     if val_fraction > 0:
         atomic_write(out_dir / "val.jsonl", write(True))
         report.files["val"] = str(out_dir / "val.jsonl")
-    elif (out_dir / "val.jsonl").exists():  # a stale split from an earlier run would be misleading
-        (out_dir / "val.jsonl").unlink()
-        fsync_dir(out_dir)
     report.files["report"] = str(out_dir / "report.json")
     report.kept, report.val = kept, n_val
     report.train = kept - n_val
@@ -667,7 +713,9 @@ def inspect_dataset(path: str | Path, tokenizer: Any = None, bins: int = 10) -> 
     For records: counts per kind and per schema, bad records, length in characters (and in tokens when
     `tokenizer` is given; for conversations and preferences, of the joined message contents, without a
     chat template) as total/mean/median/p95/min/max, and a histogram of the character lengths whose
-    counts sum to the number of records. `format_inspection` renders the result."""
+    counts sum to the number of records. `format_inspection` renders the result. A dataset without a
+    single valid record (an empty file, a blank text file, every record bad) raises `DataError` naming
+    the first bad record's file and line and how many were bad."""
     path = Path(path)
     if path.is_dir() and (path / META_FILE).is_file():
         return _inspect_shards(path, bins)
@@ -678,6 +726,8 @@ def inspect_dataset(path: str | Path, tokenizer: Any = None, bins: int = 10) -> 
     chars: list[int] = []
     tokens: list[int] = []
     pending: list[str] = []  # record contents waiting to be tokenized, in order
+    split_exactly = tokenizer is not None and splits_exactly(tokenizer)
+    protect = list(getattr(tokenizer, "special_tokens", ()) or ())
 
     def encode_pending() -> None:
         tokens.extend(len(ids) for ids in tokenizer.encode_batch(pending))
@@ -686,9 +736,12 @@ def inspect_dataset(path: str | Path, tokenizer: Any = None, bins: int = 10) -> 
     for file in files:
         if file.suffix.lower() in TEXT_SUFFIXES:
             try:
-                chars_in_file, tokens_in_file = _measure_text_file(file, tokenizer)
+                chars_in_file, tokens_in_file, blank = _measure_text_file(file, tokenizer)
             except DataError as e:
                 bad.append(str(e))
+                continue
+            if blank:
+                bad.append(f"{file}: empty text file (no non-blank character)")
                 continue
             kinds["text"] += 1
             schemas[TEXT_FILE_SCHEMA] += 1
@@ -698,7 +751,7 @@ def inspect_dataset(path: str | Path, tokenizer: Any = None, bins: int = 10) -> 
                 tokens.append(tokens_in_file)
             continue
         try:
-            for item in _iter_items([file], None, skip_bad=True, per_file_kind=True):
+            for item in _iter_items([file], None, skip_bad=True, per_file_kind=True, allow_prompts=True):
                 if item.record is None:
                     bad.append(f"{item.file}:{item.line}: {item.reason}")
                     continue
@@ -706,7 +759,12 @@ def inspect_dataset(path: str | Path, tokenizer: Any = None, bins: int = 10) -> 
                 schemas[item.schema] += 1
                 content = _content(item.record)
                 chars.append(len(content))
-                if tokenizer is not None:
+                if tokenizer is not None and len(content) > DOCUMENT_SPLIT_CHARS and split_exactly:
+                    encode_pending()  # a huge record: counted part by part (the same count, bounded memory)
+                    parts = [part.text for part in split_document(content, True, protect)]
+                    tokens.append(sum(len(ids) for i in range(0, len(parts), 64)
+                                      for ids in tokenizer.encode_batch(parts[i:i + 64])))
+                elif tokenizer is not None:
                     pending.append(content)
                     if len(pending) >= 256:
                         encode_pending()
@@ -714,6 +772,10 @@ def inspect_dataset(path: str | Path, tokenizer: Any = None, bins: int = 10) -> 
             bad.append(str(e))
     if tokenizer is not None and pending:
         encode_pending()
+    if not chars:  # nothing to summarise: say why, naming the file (and line) at fault
+        if bad:
+            raise DataError(f"{path}: no valid record; {len(bad)} bad (first: {bad[0]})")
+        raise DataError(f"{path}: no records (empty)")
     char_array = np.asarray(chars, dtype=np.int64)
     result: dict[str, Any] = {
         "path": str(path), "type": "records", "files": len(files), "records": len(chars),
@@ -725,21 +787,24 @@ def inspect_dataset(path: str | Path, tokenizer: Any = None, bins: int = 10) -> 
     return result
 
 
-def _measure_text_file(file: Path, tokenizer: Any) -> tuple[int, int]:
-    """Characters and tokens of a text file, streamed in parts (a text file may be huge)."""
+def _measure_text_file(file: Path, tokenizer: Any) -> tuple[int, int, bool]:
+    """Characters and tokens of a text file, streamed in parts (a text file may be huge), and whether
+    it is blank (empty or only whitespace)."""
     exact = tokenizer is None or splits_exactly(tokenizer)
     protect = list(getattr(tokenizer, "special_tokens", ()) or ())
     parts = iter_document_parts(file, chunk_chars=TEXT_CHUNK_CHARS if exact else None, protect=protect)
     num_chars = num_tokens = 0
+    blank = True
     batch: list[str] = []
     for part in parts:
         num_chars += len(part.text)
+        blank = blank and (not part.text or part.text.isspace())
         if tokenizer is not None:
             batch.append(part.text)
             if len(batch) >= 64 or part.end:
                 num_tokens += sum(len(ids) for ids in tokenizer.encode_batch(batch))
                 batch = []
-    return num_chars, num_tokens
+    return num_chars, num_tokens, blank
 
 
 def _number(value: float) -> str:

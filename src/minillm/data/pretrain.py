@@ -7,8 +7,8 @@ trains as fast as a small one, and a second run over the same corpus skips token
 Tokenizing is streamed, so memory stays flat however large the corpus is: JSONL is read line by line,
 a large text file `TEXT_CHUNK_CHARS` characters at a time and cut into parts of about `TEXT_PART_CHARS`
 characters where the tokenizer's pre-tokenizer always splits (so the ids equal those of the whole
-file; EOS follows only the end of a document), batches of parts are encoded while the previous batch
-is written, and tokens go straight into the current shard file. All cores are used: by worker
+file; EOS follows only the end of a document), a document longer than `DOCUMENT_SPLIT_CHARS` (one huge
+JSONL record) is cut the same way, batches of parts are encoded while the previous batch is written, and tokens go straight into the current shard file. All cores are used: by worker
 processes for a large corpus (`auto_workers`), else by the Rust encoder's own threads.
 """
 
@@ -23,7 +23,7 @@ import shutil
 import sys
 import unicodedata
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,24 +61,48 @@ def find_corpus_files(path: str | Path) -> list[Path]:
     return files
 
 
-def iter_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
+def iter_documents(path: str | Path, text_field: str = "text", max_chars: int | None = None) -> Iterator[str]:
     """Yield the documents of a corpus: a text file is one document; JSONL gives one per line
-    (`{"text": ...}`); a JSON file holds a list of strings or of `{"text": ...}` objects."""
+    (`{"text": ...}`); a JSON file holds a list of strings or of `{"text": ...}` objects. A UTF-8 byte
+    order mark at the start of a file is dropped.
+
+    `max_chars`: yield only the first `max_chars` characters of each document (a text file is then
+    read no further than that), for samples such as the texts a tokenizer is trained on."""
+    if max_chars is not None and max_chars < 1:
+        raise ValueError(f"max_chars must be at least 1 or None, got {max_chars}")
     for file in find_corpus_files(path):
         suffix = file.suffix.lower()
         if suffix == ".jsonl":
-            yield from _iter_jsonl(file, text_field)
+            documents: Iterable[str] = _iter_jsonl(file, text_field)
         elif suffix == ".json":
-            yield from _iter_json(file, text_field)
+            documents = _iter_json(file, text_field)
         else:
-            yield _read_text(file)
+            yield _read_text(file, max_chars)
+            continue
+        for document in documents:
+            yield document if max_chars is None or len(document) <= max_chars else document[:max_chars]
 
 
-def _read_text(file: Path) -> str:
+def _not_utf8(file: Path) -> DataError:
+    """The error for a file that is not UTF-8, naming the line and byte offset of the first bad byte
+    (found by reading the file again, line by line, only on this error path)."""
+    offset = 0
+    with open(file, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return DataError(f"{file}:{line_no}: not UTF-8 text ({e.reason} at byte {offset + e.start})")
+            offset += len(raw)
+    return DataError(f"{file}: not UTF-8 text")
+
+
+def _read_text(file: Path, max_chars: int | None = None) -> str:
     try:
-        return file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        with open(file, encoding="utf-8-sig") as f:
+            return f.read() if max_chars is None else f.read(max_chars)
+    except UnicodeDecodeError:
+        raise _not_utf8(file) from None
 
 
 def _text_of(record: Any, text_field: str, where: str) -> str:
@@ -95,19 +119,28 @@ def _text_of(record: Any, text_field: str, where: str) -> str:
 
 
 def _iter_jsonl(file: Path, text_field: str) -> Iterator[str]:
-    with open(file, encoding="utf-8", errors="strict") as f:
-        line_no = 0
-        try:
-            for line_no, line in enumerate(f, start=1):  # noqa: B007 (line_no is used in the error below)
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{file}:{line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
-                yield _text_of(record, text_field, f"{file}:{line_no}")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{file}:{line_no + 1}: not UTF-8 ({e.reason})") from None
+    """The documents of a JSONL file, each line decoded on its own (so that a bad byte is reported
+    at its own line) and released before its document is yielded (a huge line is held once)."""
+    offset = 0
+    with open(file, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{file}:{line_no}: not UTF-8 ({e.reason} at byte {offset + e.start})") from None
+            offset += len(raw)
+            del raw
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{file}:{line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
+            del line
+            text = _text_of(record, text_field, f"{file}:{line_no}")
+            del record
+            yield text
+            del text
 
 
 def _iter_json(file: Path, text_field: str) -> Iterator[str]:
@@ -128,6 +161,15 @@ TEXT_CHUNK_CHARS = 1 << 16
 # Characters per part handed to the encoder: the Rust encoder is fastest on texts of a few thousand
 # characters (about 5.8 MB/s per core at 4-16K characters against 3.6 MB/s for a 1M-character text).
 TEXT_PART_CHARS = 1 << 13
+# A document longer than this many characters (a huge JSONL record, a long line) is cut into parts
+# of about `TEXT_PART_CHARS` while it is tokenized, at the same safe positions as a text file, so
+# that the encoder never holds a whole huge document (its memory is many times the text's); shorter
+# documents are encoded whole, as they always were.
+DOCUMENT_SPLIT_CHARS = 1 << 16
+# The longest part: text with no safe cut in this many characters (only unusual text: e.g. 256K
+# Chinese characters without a single punctuation mark or space) is cut anyway, where no special
+# token spans the cut. The ids then differ from those of the whole text only around that cut.
+MAX_PART_CHARS = 1 << 18
 
 
 class DocumentPart(NamedTuple):
@@ -177,16 +219,45 @@ def _last_safe_cut(text: str, lo: int, hi: int, protect: Sequence[str] = ()) -> 
     return -1
 
 
+def _forced_cut(text: str, i: int, protect: Sequence[str] = ()) -> int:
+    """A cut at or just before `i` that splits no special token (for text without a safe cut)."""
+    for j in range(i, max(i - 64, 1), -1):
+        if _is_cut(text, j, protect):
+            return j
+    return i
+
+
+def split_document(text: str, end: bool = True, protect: Sequence[str] = (), part_chars: int = TEXT_PART_CHARS,
+                   max_part_chars: int = MAX_PART_CHARS) -> Iterator[DocumentPart]:
+    """`text` (a document, or a part of one ending it when `end`) as `DocumentPart`s of about
+    `part_chars` characters, cut at safe positions (see `_last_safe_cut`), so that tokenizing the parts
+    one by one gives the ids of the whole text; only the last part keeps `end`. Where no safe cut is
+    found within `max_part_chars`, the text is cut there anyway (`MAX_PART_CHARS`)."""
+    start = 0
+    while len(text) - start > part_chars:
+        cut = _last_safe_cut(text, start + part_chars // 2, start + part_chars, protect)
+        if cut == -1:  # unusual text: the last safe cut within the longest part
+            cut = _last_safe_cut(text, start + 1, start + max_part_chars, protect)
+        if cut == -1:
+            if len(text) - start <= max_part_chars:
+                break
+            cut = _forced_cut(text, start + max_part_chars, protect)
+        yield DocumentPart(text[start:cut], False)
+        start = cut
+    yield DocumentPart(text[start:] if start else text, end)
+
+
 def _iter_text_parts(file: Path, chunk_chars: int = TEXT_CHUNK_CHARS, protect: Sequence[str] = (),
-                     part_chars: int = TEXT_PART_CHARS) -> Iterator[DocumentPart]:
+                     part_chars: int = TEXT_PART_CHARS, max_part_chars: int = MAX_PART_CHARS) -> Iterator[DocumentPart]:
     """A text file, read `chunk_chars` characters at a time, as parts of about `part_chars`
-    characters cut at safe positions (a part grows past that only where no safe cut is near); one
-    document, so only the last part has `end=True`."""
+    characters cut at safe positions (a part grows past that only where no safe cut is near, and
+    never much past `max_part_chars`); one document, so only the last part has `end=True`."""
     margin = max([len(t) for t in protect] + [1])  # never cut closer than this to the text read so far
     held: list[str] = []  # text without a safe cut in it, waiting for one (only in unusual text)
+    held_chars = 0
     text = ""  # the rest of the text read: cuts are searched here
     try:
-        with open(file, encoding="utf-8") as f:
+        with open(file, encoding="utf-8-sig") as f:
             while block := f.read(chunk_chars):
                 text += block
                 start = 0
@@ -195,15 +266,18 @@ def _iter_text_parts(file: Path, chunk_chars: int = TEXT_CHUNK_CHARS, protect: S
                     if cut == -1:
                         cut = _last_safe_cut(text, start + 1, len(text) - margin, protect)
                     if cut == -1:
-                        break
+                        if held_chars + len(text) - start < max_part_chars:
+                            break
+                        cut = _forced_cut(text, len(text) - margin - 1, protect)  # no safe cut for too long
                     yield DocumentPart("".join(held) + text[start:cut], False)
-                    held, start = [], cut
+                    held, held_chars, start = [], 0, cut
                 text = text[start:]
                 if len(text) > 2 * part_chars + margin:  # no cut anywhere: hold all but the tail
                     held.append(text[:-margin - 1])
+                    held_chars += len(held[-1])
                     text = text[-margin - 1:]
-    except UnicodeDecodeError as e:
-        raise DataError(f"{file}: not UTF-8 text ({e.reason})") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(file) from None
     yield DocumentPart("".join(held) + text, True)
 
 
@@ -270,16 +344,42 @@ class _Batch(NamedTuple):
     documents: int  # documents that end in this batch
 
 
-def _batches(documents: Iterable[str | DocumentPart], max_parts: int, max_chars: int) -> Iterator[_Batch]:
+def _split_long(documents: Iterable[str | DocumentPart], split_chars: int | None, protect: Sequence[str],
+                can_split: Callable[[], bool] | None = None) -> Iterator[tuple[str, bool]]:
+    """`(text, end)` for every document or part; one longer than `split_chars` characters comes as the
+    parts `split_document` cuts it into (None: never cut), if `can_split()` (asked once, at the first
+    such document; None: yes)."""
+    allowed: bool | None = None if can_split is not None else True
+    for item in documents:
+        text, end = (item, True) if isinstance(item, str) else item
+        if split_chars is None or len(text) <= split_chars:
+            yield text, end
+            continue
+        if allowed is None:
+            allowed = bool(can_split())
+        if not allowed:
+            yield text, end
+            continue
+        del item
+        parts = split_document(text, end, protect)
+        del text  # held by `parts` until its last part
+        yield from parts
+
+
+def _batches(documents: Iterable[str | DocumentPart], max_parts: int, max_chars: int,
+             split_chars: int | None = None, protect: Sequence[str] = (),
+             can_split: Callable[[], bool] | None = None) -> Iterator[_Batch]:
     """Group documents (whole strings or `DocumentPart`s) into batches of at most `max_parts` parts or
-    about `max_chars` characters. A document that is blank from start to end is dropped."""
+    about `max_chars` characters. A document that is blank from start to end is dropped. A document
+    or part longer than `split_chars` characters is cut into parts first (`split_document`; None: never),
+    which gives the same ids for a tokenizer that `splits_exactly` (`can_split`: asked before the first
+    cut; None: cut)."""
     texts: list[str] = []
     ends: list[bool] = []
     chars = done = 0
     held: list[str] = []  # the blank leading parts of the current document: dropped if it stays blank
     started = False  # the current document has a non-blank part
-    for item in documents:
-        text, end = (item, True) if isinstance(item, str) else item
+    for text, end in _split_long(documents, split_chars, protect, can_split):
         if not started and not text.strip():
             held = [] if end else [*held, text]
             continue
@@ -450,6 +550,7 @@ def write_token_shards(
     *,
     workers: int | None = None,
     batch_chars: int | None = None,
+    split_chars: int | None = DOCUMENT_SPLIT_CHARS,
 ) -> ShardInfo:
     """Tokenize `documents` (each followed by the EOS token) into shards under `out_dir`.
 
@@ -463,6 +564,12 @@ def write_token_shards(
     and also parallelises tokenizers that are not Rust-backed; None picks with `auto_workers` (for a
     stream, whose size is unknown: 0). The ids are the same either way.
 
+    A document or part longer than `split_chars` characters (None: no limit) is cut into parts of
+    about `TEXT_PART_CHARS` while it is tokenized (`split_document`), so that memory stays bounded
+    however long a single document is; the parts of a document are encoded one after the other with
+    one EOS at its end, which gives the ids of the whole document for a tokenizer that
+    `splits_exactly` (for any other tokenizer documents are never cut).
+
     The shards are written into a temporary sibling directory that is renamed into place at the end,
     so an interrupted run never leaves a half-written dataset behind. Raises `DataError` when the
     corpus has no text at all.
@@ -473,6 +580,7 @@ def write_token_shards(
         workers = auto_workers(_corpus_chars(documents))
     if batch_chars is None:
         batch_chars = 1 << 17 if workers > 0 else 1 << 18
+    protect = list(getattr(tokenizer, "special_tokens", ()) or ())
     out_dir = Path(out_dir)
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -494,7 +602,8 @@ def write_token_shards(
         num_documents += documents_done
 
     try:
-        for batch in _batches(documents, max(1, batch_documents), max(1, batch_chars)):
+        for batch in _batches(documents, max(1, batch_documents), max(1, batch_chars), split_chars, protect,
+                              lambda: splits_exactly(tokenizer)):
             if workers <= 0:
                 future = executor.submit(_encode_batch, tokenizer, dtype, eos, batch.texts, batch.ends, True)
             else:

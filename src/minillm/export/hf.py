@@ -31,25 +31,27 @@ noise) is refused by field.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
-import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from minillm.errors import MiniLLMError
-from minillm.io import atomic_write_json, fsync_dir
+from minillm.checkpoint_files import (
+    MissingCheckpointFileError,
+    json_kind,
+    load_torch_file,
+    read_json_object,
+    require_file,
+)
+from minillm.errors import CheckpointError, MiniLLMError
+from minillm.io import atomic_write_json, check_output_dir, staged_directory
 from minillm.model.config import MiniGPTConfig
-from minillm.model.transformer import MiniGPT
+from minillm.model.transformer import MiniGPT, read_safetensors
 
-__all__ = ["DTYPES", "FAMILIES", "IMPORTABLE", "ExportError", "config_from_hf", "export_hf", "from_gpt2_state",
-           "hf_config", "hf_family", "read_hf_weights", "to_gpt2_state"]
+__all__ = ["DTYPES", "FAMILIES", "IMPORTABLE", "ExportError", "UnsupportedCheckpointError", "config_from_hf", "export_hf",
+           "from_gpt2_state", "hf_config", "hf_family", "hf_weights_file", "read_hf_weights", "to_gpt2_state"]
 
 FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gpt2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,6 +61,11 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwe
 
 class ExportError(MiniLLMError, ValueError):
     """A model that cannot be exported as asked; the message names the field and the reason."""
+
+
+class UnsupportedCheckpointError(ExportError, CheckpointError):
+    """A Hugging Face model directory whose config.json describes a model `MiniGPT` cannot compute exactly
+    (or no model at all); the message names the file and the field."""
 
 
 _NAMES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "qwen3_moe": "Qwen3-MoE", "mixtral": "Mixtral", "gpt2": "GPT-2"}
@@ -324,28 +331,14 @@ def load_for_export(checkpoint: str | Path | MiniGPT, tokenizer: Any = None) -> 
     return model, tokenizer
 
 
-@contextlib.contextmanager
-def staged_directory(out_dir: Path) -> Iterator[Path]:
-    """A temporary sibling of `out_dir` to write into; it replaces `out_dir` only if the block succeeds,
-    so a failed or interrupted export never leaves a half-written directory."""
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        fsync_dir(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def export_hf(checkpoint: str | Path | MiniGPT, out_dir: str | Path, tokenizer: Any = None,
-              dtype: str = "auto", family: str | None = None, max_shard_size: int | str = "2GB") -> Path:
+              dtype: str = "auto", family: str | None = None, max_shard_size: int | str = "2GB",
+              overwrite: bool = False) -> Path:
     """Write `checkpoint` (a model directory, or a `MiniGPT`) to `out_dir` as a native Hugging Face model
     directory; `dtype` is `auto` (the checkpoint's), `float32`, `bfloat16` or `float16`. The directory is
-    assembled under a temporary name and renamed into place."""
+    assembled under a temporary name and renamed into place; a non-empty `out_dir` is refused
+    (`OutputExistsError`) unless `overwrite`."""
+    out_dir = check_output_dir(out_dir, overwrite)
     model, tokenizer = load_for_export(checkpoint, tokenizer)
     if dtype == "auto":
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -359,8 +352,7 @@ def export_hf(checkpoint: str | Path | MiniGPT, out_dir: str | Path, tokenizer: 
         state = to_gpt2_state(state)
     elif config["model_type"] == "mixtral":
         state = to_mixtral_state(state)
-    out_dir = Path(out_dir)
-    with staged_directory(out_dir) as tmp:
+    with staged_directory(out_dir, overwrite) as tmp:
         shards = _shards(state, _parse_size(max_shard_size))
         if len(shards) == 1:
             save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -391,7 +383,7 @@ IMPORTABLE = FAMILIES
 
 def _gpt2_from_hf(data: dict[str, Any], source: str | Path) -> MiniGPTConfig:
     def refuse(field: str, why: str) -> None:
-        raise ExportError(f"{source}: {field}={data.get(field)!r}: {why}")
+        raise UnsupportedCheckpointError(f"{source}: {field}={data.get(field)!r}: {why}")
 
     if data.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         refuse("activation_function", "only GPT-2's tanh GELU (gelu_new) is supported")
@@ -411,18 +403,40 @@ def _gpt2_from_hf(data: dict[str, Any], source: str | Path) -> MiniGPTConfig:
         eos_token_id=data.get("eos_token_id"), pad_token_id=data.get("pad_token_id"))
 
 
+# The families' size fields (name, smallest value) and other numeric fields, checked before any arithmetic.
+_HF_SIZES = (("vocab_size", 1), ("hidden_size", 1), ("intermediate_size", 1), ("num_hidden_layers", 1),
+             ("num_attention_heads", 1), ("num_key_value_heads", 1), ("head_dim", 1), ("max_position_embeddings", 1),
+             ("moe_intermediate_size", 1), ("num_experts", 0), ("num_local_experts", 0), ("num_experts_per_tok", 1),
+             ("n_embd", 1), ("n_layer", 1), ("n_head", 1), ("n_inner", 1), ("n_positions", 1))
+
+_HF_NUMBERS = ("rope_theta", "rms_norm_eps", "layer_norm_epsilon", "initializer_range", "router_aux_loss_coef")
+
+
+def _check_hf_numbers(data: dict[str, Any], source: str | Path) -> None:
+    for field, smallest in _HF_SIZES:
+        value = data.get(field)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < smallest):
+            kind = "a positive integer" if smallest else "a non-negative integer"
+            raise CheckpointError(f"{source}: {field} must be {kind}, got {value!r}")
+    for field in _HF_NUMBERS:
+        value = data.get(field)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise CheckpointError(f"{source}: {field} must be a number, got {value!r}")
+
+
 def config_from_hf(data: dict[str, Any], source: str | Path = "config.json") -> MiniGPTConfig:
     """The `MiniGPTConfig` computing what the transformers model of `config.json` data computes."""
     model_type = data.get("model_type")
     if model_type not in IMPORTABLE:
-        raise ExportError(f"{source}: model_type={model_type!r} cannot be read; supported: {', '.join(IMPORTABLE)} "
-                          "(and Mini-LLM's own checkpoints)")
+        raise UnsupportedCheckpointError(f"{source}: model_type={model_type!r} cannot be read; supported: "
+                                         f"{', '.join(IMPORTABLE)} (and Mini-LLM's own checkpoints)")
+    _check_hf_numbers(data, source)
 
     if model_type == "gpt2":
         return _gpt2_from_hf(data, source)
 
     def refuse(field: str, why: str) -> None:
-        raise ExportError(f"{source}: {field}={data.get(field)!r}: {why}")
+        raise UnsupportedCheckpointError(f"{source}: {field}={data.get(field)!r}: {why}")
 
     if data.get("hidden_act", "silu") not in ("silu", "swish"):
         refuse("hidden_act", "only SiLU (SwiGLU) MLPs are supported")
@@ -485,29 +499,62 @@ def config_from_hf(data: dict[str, Any], source: str | Path = "config.json") -> 
     return MiniGPTConfig(**fields)
 
 
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def hf_weights_file(directory: str | Path) -> Path:
+    """The file `read_hf_weights` reads the weights of `directory` from (or the index of its shards);
+    `CheckpointError` when there is none."""
+    directory = Path(directory)
+    for name in _WEIGHT_FILES:
+        if (directory / name).is_file():
+            return directory / name
+    raise MissingCheckpointFileError(f"{directory / _WEIGHT_FILES[0]}: missing (nor is there a sharded "
+                                     f"{_WEIGHT_FILES[1]} or a PyTorch {_WEIGHT_FILES[2]} in {directory})")
+
+
+def _index_shards(index_path: Path) -> list[Path]:
+    """The shard files a `*.index.json` names, each of which must exist."""
+    weight_map = read_json_object(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: \"weight_map\" must be a non-empty object (tensor name -> shard file), "
+                              f"got {json_kind(weight_map)}")
+    bad = [name for name, shard in weight_map.items() if not isinstance(shard, str) or not shard]
+    if bad:
+        raise CheckpointError(f"{index_path}: weight_map[{bad[0]!r}] must be a shard file name, "
+                              f"got {weight_map[bad[0]]!r}")
+    shards = [index_path.parent / shard for shard in sorted(set(weight_map.values()))]
+    for shard in shards:
+        require_file(shard, f" (a shard listed in {index_path.name})")
+    return shards
+
+
+def _read_torch_weights(path: Path, device: str) -> dict[str, torch.Tensor]:
+    """A PyTorch weights file, loaded with `weights_only=True` (no pickled code runs)."""
+    state = load_torch_file(path, "PyTorch weights file", map_location=device)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    return state
+
+
 def read_hf_weights(directory: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Every tensor of a Hugging Face model directory: `model.safetensors`, sharded safetensors (with
     `model.safetensors.index.json`), or PyTorch `pytorch_model.bin` (sharded or not), the latter loaded
     with `weights_only=True` so no pickled code runs. Rotary `inv_freq` buffers are dropped."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
+    path = hf_weights_file(directory)
     state: dict[str, torch.Tensor] = {}
-    if (directory / "model.safetensors").is_file():
-        state = load_file(str(directory / "model.safetensors"), device=device)
-    elif (directory / "model.safetensors.index.json").is_file():
-        index = json.loads((directory / "model.safetensors.index.json").read_text(encoding="utf-8"))
-        for shard in sorted(set(index["weight_map"].values())):
-            state.update(load_file(str(directory / shard), device=device))
-    elif (directory / "pytorch_model.bin").is_file():
-        state = torch.load(directory / "pytorch_model.bin", map_location=device, weights_only=True)
-    elif (directory / "pytorch_model.bin.index.json").is_file():
-        index = json.loads((directory / "pytorch_model.bin.index.json").read_text(encoding="utf-8"))
-        for shard in sorted(set(index["weight_map"].values())):
-            state.update(torch.load(directory / shard, map_location=device, weights_only=True))
+    if path.name == "model.safetensors":
+        state = read_safetensors(path, device=device)
+    elif path.name == "model.safetensors.index.json":
+        for shard in _index_shards(path):
+            state.update(read_safetensors(shard, device=device))
+    elif path.name == "pytorch_model.bin":
+        state = _read_torch_weights(path, device)
     else:
-        raise FileNotFoundError(f"no weights in {directory} (model.safetensors, sharded safetensors with an index, "
-                                "or pytorch_model.bin)")
+        for shard in _index_shards(path):
+            state.update(_read_torch_weights(shard, device))
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     if any(k.endswith("wte.weight") for k in state):  # GPT-2's layout
         state = from_gpt2_state(state)

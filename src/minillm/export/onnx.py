@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from minillm.export.hf import ExportError, load_for_export, staged_directory
-from minillm.io import atomic_write_json
+from minillm.export.hf import ExportError, load_for_export
+from minillm.io import atomic_write_json, check_output_dir, staged_directory
 from minillm.model.layers import KVCache
 from minillm.model.transformer import MiniGPT
 
@@ -129,10 +129,12 @@ def check_onnx(path: str | Path, model: MiniGPT, seed: int = 0) -> OnnxCheck:
 
 def export_onnx(checkpoint: str | Path | MiniGPT, out_dir: str | Path, tokenizer: Any = None,
                 opset: int | None = None, check: bool = True, tolerance: float = 1e-4,
-                kv_cache: bool = False) -> tuple[Path, OnnxCheck | None]:
+                kv_cache: bool = False, overwrite: bool = False) -> tuple[Path, OnnxCheck | None]:
     """Write `out_dir/model.onnx` (fp32; plus the tokenizer when the checkpoint has one) and, with `check`,
     verify it in onnxruntime. `kv_cache`: the graph takes and returns the past keys and values (see the
-    module's docstring). Returns the directory and the check's result."""
+    module's docstring). A non-empty `out_dir` is refused unless `overwrite`. Returns the directory and the
+    check's result."""
+    out_dir = check_output_dir(out_dir, overwrite)
     model, tokenizer = load_for_export(checkpoint, tokenizer)
     if model.config.num_experts > 0:
         raise ExportError(f"num_experts={model.config.num_experts}: mixture-of-experts models cannot be exported to "
@@ -166,9 +168,8 @@ def export_onnx(checkpoint: str | Path | MiniGPT, out_dir: str | Path, tokenizer
         wrapper, args = _Logits(model), (example, torch.ones_like(example))
         names = (["input_ids", "attention_mask"], ["logits"])
         dynamic = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
-    out_dir = Path(out_dir)
     result = None
-    with staged_directory(out_dir) as tmp:
+    with staged_directory(out_dir, overwrite) as tmp:
         torch.onnx.export(wrapper.eval(), args, str(tmp / ONNX_FILE), input_names=names[0], output_names=names[1],
                           dynamic_shapes=dynamic, opset_version=opset, dynamo=True, verbose=False)
         if check:

@@ -7,11 +7,13 @@ reads the same here and in `config.json`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
 from minillm.errors import MiniLLMError
 
 NORM_TYPES = ("rmsnorm", "layernorm")
@@ -159,9 +161,23 @@ class MiniGPTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown MiniGPTConfig field(s): {', '.join(unknown)}; "
+            close = [m for name in unknown for m in difflib.get_close_matches(name, known, n=1)]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown MiniGPTConfig field(s): {', '.join(unknown)}{hint}; "
                               f"known fields: {', '.join(sorted(known))}")
         return cls(**data)
+
+    @classmethod
+    def check_types(cls, data: dict[str, Any]) -> None:
+        """`ConfigError` naming the first known field of `data` (e.g. a parsed config.json) whose value has
+        the wrong JSON type (a string for hidden_size, a boolean for rope_theta); unknown fields are left to
+        `from_dict`."""
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                continue
+            value, (allowed, description) = data[f.name], _FIELD_TYPES[str(f.type)]
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                raise ConfigError(f"{f.name} must be {description}, got {value!r}")
 
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -175,6 +191,17 @@ class MiniGPTConfig:
         values.setdefault("extra", {})
         values["extra"] = {**values["extra"], "preset": name}
         return cls.from_dict(values)
+
+
+# The JSON value types each annotation of `MiniGPTConfig` accepts (an int is a valid float).
+_FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "int": ((int,), "an integer"),
+    "int | None": ((int, type(None)), "an integer or null"),
+    "float": ((int, float), "a number"),
+    "str": ((str,), "a string"),
+    "bool": ((bool,), "true or false"),
+    "dict[str, Any]": ((dict,), "an object"),
+}
 
 
 def _round_up(value: int, multiple: int) -> int:

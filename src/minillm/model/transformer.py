@@ -17,15 +17,24 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from minillm.checkpoint_files import (
+    CONFIG_FILE,
+    MissingCheckpointFileError,
+    check_directory,
+    config_file,
+    read_json_object,
+    require_file,
+)
+from minillm.errors import CheckpointError
 from minillm.io import atomic_write, atomic_write_json
-from minillm.model.config import MiniGPTConfig
+from minillm.model.config import ConfigError, MiniGPTConfig
 from minillm.model.layers import DecoderLayer, KVCache, RotaryEmbedding, StaticKVCache, make_norm
 
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 GENERATION_CONFIG_FILE = "generation_config.json"
 MODEL_TYPE = "minillm"
@@ -243,30 +252,40 @@ class MiniGPT(nn.Module):
     def load_weights(self, directory: str | Path, allow_missing: tuple[str, ...] = ()) -> None:
         """Load `model.safetensors` from `directory` into this model, in place; every tensor must match
         (a tied LM head is stored once, as the embedding) but those named in `allow_missing` (a new head
-        on a pretrained body keeps its initialisation)."""
-        weights_path = Path(directory) / WEIGHTS_FILE
+        on a pretrained body keeps its initialisation). A missing, unreadable or mismatching file is a
+        `CheckpointError` naming it (and the tensors)."""
+        directory = check_directory(directory)
+        weights_path = directory / WEIGHTS_FILE
         device = next(self.parameters()).device
         if weights_path.is_file() and _is_own_checkpoint(directory):
-            state = load_file(str(weights_path), device=str(device))
+            state, source = read_safetensors(weights_path, device=str(device)), weights_path
         else:  # a Hugging Face directory: its names and layout, sharded safetensors or PyTorch weights
-            from minillm.export.hf import read_hf_weights
+            from minillm.export.hf import hf_weights_file, read_hf_weights
 
-            state = read_hf_weights(directory, device=str(device))
-        expected = set(self.state_dict())
+            state, source = read_hf_weights(directory, device=str(device)), hf_weights_file(directory)
+        own = self.state_dict()
+        expected = set(own)
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
             expected.discard("lm_head.weight")
         missing = sorted(expected - set(state) - set(allow_missing))
         unexpected = sorted(set(state) - expected)
         if missing or unexpected:
-            raise ValueError(f"{weights_path} does not match config.json: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+            problems = [f"{kind} {len(names)} tensor(s): {_some(names)}"
+                        for kind, names in (("missing", missing), ("unexpected", unexpected)) if names]
+            raise CheckpointError(f"{source}: does not match {CONFIG_FILE}: {'; '.join(problems)}")
+        wrong = [name for name in sorted(state) if tuple(state[name].shape) != tuple(own[name].shape)]
+        if wrong:
+            name = wrong[0]
+            more = f" (and {len(wrong) - 1} more tensor(s): {_some(wrong[1:])})" if len(wrong) > 1 else ""
+            raise CheckpointError(f"{source}: tensor {name} has shape {_shape(state[name])}, but {CONFIG_FILE} "
+                                  f"implies {_shape(own[name])}{more}")
         self.load_state_dict(state, strict=False)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None) -> MiniGPT:
-        directory = Path(directory)
+        directory = check_directory(directory)
         if not (directory / WEIGHTS_FILE).is_file() and (directory / "adapter_config.json").is_file():
             return cls._from_adapter(directory, device, dtype)
         model = cls(load_config(directory))
@@ -284,11 +303,11 @@ class MiniGPT(nn.Module):
         """A LoRA checkpoint (adapter only): its base model with the adapter merged in."""
         from minillm.model.lora import load_lora, merge_lora
 
-        adapter_config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
-        base = adapter_config.get("base_model_name_or_path")
-        if not base or not (Path(base) / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{directory} holds a LoRA adapter only and its base model "
-                                    f"(base_model_name_or_path={base!r}) is not a model directory")
+        adapter_path = directory / "adapter_config.json"
+        base = read_json_object(adapter_path).get("base_model_name_or_path")
+        if not isinstance(base, str) or not base or not (Path(base) / CONFIG_FILE).is_file():
+            raise MissingCheckpointFileError(f"{adapter_path}: the directory holds a LoRA adapter only and its base "
+                                             f"model (base_model_name_or_path={base!r}) is not a model directory")
         model = merge_lora(load_lora(cls.from_pretrained(base), directory))
         model.name_or_path = str(directory.resolve())
         if dtype is not None:
@@ -309,19 +328,76 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 def _is_own_checkpoint(directory: str | Path) -> bool:
     path = Path(directory) / CONFIG_FILE
-    return not path.is_file() or json.loads(path.read_text(encoding="utf-8")).get("model_type") == MODEL_TYPE
+    return not path.is_file() or read_json_object(path).get("model_type") == MODEL_TYPE
+
+
+def _some(names: list[str], count: int = 3) -> str:
+    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return "(" + ", ".join(str(n) for n in tensor.shape) + ")"
+
+
+def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; `CheckpointError` naming the file when it is missing, empty,
+    truncated or not a safetensors file at all."""
+    path = require_file(path)
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: {_safetensors_problem(path, e)}") from e
+
+
+_MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library refuses larger headers
+
+
+def _safetensors_problem(path: Path, error: BaseException) -> str:
+    """What is wrong with a safetensors file the library refused: a safetensors file is an 8-byte
+    little-endian header length, a JSON header giving each tensor's byte range, then the data."""
+    detail = " ".join(str(error).split())
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header_length = int.from_bytes(f.read(8), "little")
+            if size == 0:
+                return "empty file (0 bytes), expected safetensors weights"
+            if size < 8:
+                return f"not a safetensors file: {size} bytes, shorter than the 8-byte header length"
+            if header_length > _MAX_SAFETENSORS_HEADER:
+                return (f"not a safetensors file: its first 8 bytes give a header of {header_length} bytes "
+                        f"(the file has {size} bytes)")
+            if 8 + header_length > size:
+                return f"truncated: its header needs {8 + header_length} bytes but the file has {size} bytes"
+            header = json.loads(f.read(header_length))
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return f"not a valid safetensors file ({detail})"
+    needed = 8 + header_length + max(ends, default=0)
+    if needed > size:
+        return f"truncated: its header describes {needed} bytes but the file has {size} bytes"
+    return f"not a valid safetensors file ({detail})"
 
 
 def load_config(directory: str | Path) -> MiniGPTConfig:
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_FILE} in {directory} (is it a model directory?)")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if data.get("model_type") != MODEL_TYPE:  # a Hugging Face directory (Llama, Qwen2, Qwen3), or refused
-        from minillm.export.hf import config_from_hf
+    """The `MiniGPTConfig` of a model directory (ours, or a Hugging Face family `config_from_hf` reads);
+    `CheckpointError` naming config.json (and the field) when it is missing or malformed."""
+    path = config_file(directory)
+    data = read_json_object(path)
+    try:
+        if data.get("model_type") != MODEL_TYPE:  # a Hugging Face directory (Llama, Qwen2, Qwen3), or refused
+            from minillm.export.hf import config_from_hf
 
-        return config_from_hf(data, path)
-    return MiniGPTConfig.from_dict({k: v for k, v in data.items() if k not in _HF_ONLY_KEYS})
+            return config_from_hf(data, path)
+        fields = {k: v for k, v in data.items() if k not in _HF_ONLY_KEYS}
+        MiniGPTConfig.check_types(fields)
+        return MiniGPTConfig.from_dict(fields)
+    except CheckpointError:
+        raise
+    except KeyError as e:
+        raise CheckpointError(f"{path}: required field {e.args[0]!r} is missing") from e
+    except (ConfigError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {' '.join(str(e).split())}") from e
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

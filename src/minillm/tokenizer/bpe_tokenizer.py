@@ -8,6 +8,7 @@ with no `<unk>`. The saved directory is an ordinary Hugging Face tokenizer direc
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -18,6 +19,8 @@ from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from minillm.checkpoint_files import check_directory, json_kind, read_json_object, read_text, require_file
+from minillm.errors import CheckpointError
 from minillm.io import atomic_write_json, atomic_write_text
 from minillm.tokenizer.chat import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE, render_chat_for
 
@@ -76,6 +79,39 @@ def _has_text(path: Path) -> bool:
         return any(chunk.strip() for chunk in iter(lambda: f.read(1 << 20), ""))
 
 
+# Training memory grows with the distinct words the trainer sees: about 100-150 bytes per character of
+# text in which nearly every word is new, far less for ordinary text. So `train` reads at most the
+# first TRAIN_MAX_TEXT_CHARS characters of one text and TRAIN_MAX_TOTAL_CHARS in all (a sample this
+# size is plenty for the merges of a small vocabulary), and hands them to the trainer in pieces of at
+# most TRAIN_PIECE_CHARS characters: the pre-tokenizer's bookkeeping costs many bytes per byte of the
+# string it is given, so one 50 MB line alone would take gigabytes.
+TRAIN_MAX_TEXT_CHARS = 1 << 21
+TRAIN_MAX_TOTAL_CHARS = 1 << 24
+TRAIN_PIECE_CHARS = 1 << 13
+# Where a piece may end: before whitespace or a punctuation mark (the pre-tokenizer starts a new word
+# there anyway, so the pieces give nearly the same word counts as the whole text).
+_PIECE_BREAKS = " \n\t\u3000，。、！？；：,.!?;:"
+
+
+def _is_blank(text: str) -> bool:
+    return not text or text.isspace()  # no stripped copy of a huge text
+
+
+def training_pieces(text: str, piece_chars: int = TRAIN_PIECE_CHARS) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `piece_chars` characters, each cut before the last
+    whitespace or punctuation mark in the second half of its span (or, in text without one, at the
+    limit); joined they give `text` back."""
+    start = 0
+    while len(text) - start > piece_chars:
+        hi = start + piece_chars
+        cut = max(text.rfind(c, start + piece_chars // 2, hi) for c in _PIECE_BREAKS)
+        if cut <= start:
+            cut = hi
+        yield text[start:cut]
+        start = cut
+    yield text[start:] if start else text
+
+
 class BPETokenizer:
     """Byte-level BPE with the special tokens `<|endoftext|>` (0), `<|im_start|>` (1), `<|im_end|>` (2),
     `<|pad|>` (3). Extra `special_tokens` are added after these four, which are always kept so that the
@@ -126,23 +162,55 @@ class BPETokenizer:
         self._backend = backend
         logger.info("trained byte-level BPE with %d tokens", self.vocab_size)
 
-    def train(self, texts: Iterable[str]) -> None:
-        """Train on an iterable of strings (streamed: a generator over a large corpus is fine)."""
+    def train(self, texts: Iterable[str], *, source: str = "", max_text_chars: int | None = TRAIN_MAX_TEXT_CHARS,
+              max_total_chars: int | None = TRAIN_MAX_TOTAL_CHARS) -> None:
+        """Train on an iterable of strings (streamed: a generator over a large corpus is fine).
+
+        Memory stays bounded however the corpus is laid out: only the first `max_text_chars` characters
+        of a text and the first `max_total_chars` characters in all are read (None: no limit), and they
+        reach the trainer in pieces of at most `TRAIN_PIECE_CHARS` characters (`training_pieces`); texts
+        shorter than that reach it whole. Blank texts are skipped; with none left, a `DataError`
+        (a ValueError) is raised, naming `source` (e.g. the corpus path) when given."""
         if isinstance(texts, str):
             raise TypeError("train() expects an iterable of texts; wrap a single text in a list")
-        num_texts = 0
+        for name, limit in (("max_text_chars", max_text_chars), ("max_total_chars", max_total_chars)):
+            if limit is not None and limit < 1:
+                raise ValueError(f"{name} must be at least 1 or None, got {limit}")
+        seen = {"texts": 0, "chars": 0, "cut": 0}
 
-        def non_empty() -> Iterator[str]:
-            nonlocal num_texts
+        def pieces() -> Iterator[str]:
             for text in texts:
-                if text.strip():
-                    num_texts += 1
-                    yield text
+                if not isinstance(text, str):
+                    raise TypeError(f"train() expects texts (str), got {type(text).__name__}")
+                if _is_blank(text):
+                    continue
+                limit = max_text_chars if max_text_chars is not None else len(text)
+                if max_total_chars is not None:
+                    limit = min(limit, max_total_chars - seen["chars"])
+                if len(text) > limit:
+                    text = text[:limit]
+                    seen["cut"] += 1
+                seen["texts"] += 1
+                seen["chars"] += len(text)
+                yield from training_pieces(text)
+                del text
+                if max_total_chars is not None and seen["chars"] >= max_total_chars:
+                    logger.info("tokenizer training stops at %d characters (max_total_chars)", max_total_chars)
+                    return
 
+        stream = pieces()
+        first = next(stream, None)
+        if first is None:
+            from minillm.data.formats import DataError  # here: the data package imports this one
+
+            where = f"{source}: empty corpus" if source else "cannot train a tokenizer on an empty corpus"
+            raise DataError(f"{where}: no non-blank document to train a tokenizer on")
         backend, trainer = self._new_backend()
-        backend.train_from_iterator(non_empty(), trainer=trainer)
-        if num_texts == 0:
-            raise ValueError("cannot train a tokenizer on an empty corpus: no non-empty texts were given")
+        backend.train_from_iterator(itertools.chain([first], stream), trainer=trainer)
+        if seen["cut"]:
+            logger.info("tokenizer trained on %d texts, %d characters (%d cut short: max_text_chars=%s, "
+                        "max_total_chars=%s)", seen["texts"], seen["chars"], seen["cut"], max_text_chars,
+                        max_total_chars)
         self._finish_training(backend)
 
     def train_from_files(self, paths: Sequence[str | Path]) -> None:
@@ -286,15 +354,15 @@ class BPETokenizer:
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> BPETokenizer:
         """Load a directory written by `save_pretrained`, or any Hugging Face directory with a
-        tokenizer.json (special-token roles are read from its tokenizer_config.json when present)."""
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"tokenizer directory not found: {directory}")
+        tokenizer.json (special-token roles are read from its tokenizer_config.json when present).
+        A missing or malformed file is a `CheckpointError` naming it."""
+        directory = check_directory(directory, "tokenizer directory")
         config_path = directory / "tokenizer_config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        config = read_json_object(config_path) if config_path.exists() else {}
+        _check_tokenizer_config(config, config_path)
         template_path = directory / "chat_template.jinja"
-        if template_path.is_file():
-            config.setdefault("chat_template", template_path.read_text(encoding="utf-8"))
+        if template_path.exists():
+            config.setdefault("chat_template", read_text(template_path))
         return cls._load(directory / "tokenizer.json", config)
 
     @classmethod
@@ -304,9 +372,12 @@ class BPETokenizer:
 
     @classmethod
     def _load(cls, path: Path, config: dict[str, Any]) -> BPETokenizer:
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
-        backend = Tokenizer.from_file(str(path))
+        require_file(path)
+        try:
+            backend = Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust loader raises a bare Exception for any malformed file
+            detail = " ".join(str(e).split()) or type(e).__name__
+            raise CheckpointError(f"{path}: not a valid tokenizer.json file ({detail})") from e
         tokenizer = cls()
         added = sorted(backend.get_added_tokens_decoder().items())
         tokenizer.special_tokens = [token.content for _, token in added if token.special]
@@ -326,3 +397,25 @@ class BPETokenizer:
         tokenizer.target_vocab_size = backend.get_vocab_size(with_added_tokens=True)
         tokenizer._backend = backend
         return tokenizer
+
+
+def _check_tokenizer_config(config: dict[str, Any], path: Path) -> None:
+    """`CheckpointError` naming the first field of tokenizer_config.json whose value cannot be used."""
+    for key in ("bos_token", "eos_token", "pad_token"):
+        value = config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if key in config and value is not None and not isinstance(value, str):
+            raise CheckpointError(f"{path}: {key} must be a token string, {{\"content\": ...}} or null, "
+                                  f"got {config[key]!r}")
+    length = config.get("model_max_length")
+    if "model_max_length" in config and (isinstance(length, bool) or not isinstance(length, (int, float))):
+        raise CheckpointError(f"{path}: model_max_length must be a number, got {length!r}")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # transformers' named templates: [{"name": ..., "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default", next(iter(named.values()), None))
+        config["chat_template"] = template
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{path}: chat_template must be a Jinja string (or a list of named templates), "
+                              f"got {json_kind(template)}")

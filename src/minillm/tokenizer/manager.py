@@ -16,9 +16,17 @@ from typing import Any
 
 import tokenizers
 
+from minillm.data.formats import DataError
 from minillm.data.pretrain import find_corpus_files, iter_documents
 from minillm.io import atomic_write_json, fsync_dir
-from minillm.tokenizer.bpe_tokenizer import PRETOKENIZE_PATTERN, SPECIAL_TOKENS, BPETokenizer
+from minillm.tokenizer.bpe_tokenizer import (
+    PRETOKENIZE_PATTERN,
+    SPECIAL_TOKENS,
+    TRAIN_MAX_TEXT_CHARS,
+    TRAIN_MAX_TOTAL_CHARS,
+    TRAIN_PIECE_CHARS,
+    BPETokenizer,
+)
 
 logger = logging.getLogger("minillm.tokenizer")
 
@@ -45,6 +53,27 @@ def _file_digest(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sample_documents(path: str | Path, text_field: str = "text", max_documents: int | None = None,
+                     max_text_chars: int = TRAIN_MAX_TEXT_CHARS,
+                     max_total_chars: int = TRAIN_MAX_TOTAL_CHARS) -> list[str]:
+    """The texts a tokenizer is trained on from a corpus path: its first `max_documents` non-blank
+    documents (None: all), each cut to its first `max_text_chars` characters (a huge text file is read
+    no further), until `max_total_chars` characters are collected. Raises `DataError` naming the
+    corpus when it holds no non-blank document."""
+    sample: list[str] = []
+    total = 0
+    for text in iter_documents(path, text_field, max_chars=max_text_chars):
+        if not text or text.isspace():
+            continue
+        sample.append(text[: max_total_chars - total])
+        total += len(sample[-1])
+        if total >= max_total_chars or (max_documents is not None and len(sample) >= max_documents):
+            break
+    if not sample:
+        raise DataError(f"{path}: empty corpus: no non-blank document to train a tokenizer on")
+    return sample
 
 
 def _fingerprint_path(path: Path) -> dict[str, Any]:
@@ -94,6 +123,9 @@ class TokenizerManager:
             "min_frequency": min_frequency,
             "builtin_special_tokens": list(SPECIAL_TOKENS),
             "pretokenize_pattern": PRETOKENIZE_PATTERN,
+            "max_text_chars": TRAIN_MAX_TEXT_CHARS,
+            "max_total_chars": TRAIN_MAX_TOTAL_CHARS,
+            "piece_chars": TRAIN_PIECE_CHARS,
             "tokenizers_version": tokenizers.__version__,
             "cache_format": CACHE_FORMAT_VERSION,
         }
@@ -112,9 +144,11 @@ class TokenizerManager:
 
     def get_or_train(self, corpus: str | Path | Iterable[str], vocab_size: int, *,
                      special_tokens: list[str] | None = None, min_frequency: int = 2,
-                     text_field: str = "text") -> BPETokenizer:
+                     text_field: str = "text", source: str = "") -> BPETokenizer:
         """The tokenizer trained on `corpus` with these settings: loaded from the cache when it is there,
-        trained (and cached) otherwise. A `str` corpus is a path; wrap a single text in a list."""
+        trained (and cached) otherwise. A `str` corpus is a path; wrap a single text in a list. A
+        corpus without a non-blank text raises `DataError`, naming the path (or `source`, a name for
+        a list of texts)."""
         material, texts = self._key_material(corpus, vocab_size, special_tokens, min_frequency, text_field)
         key = self._digest(material)
         final = self.cache_dir / key
@@ -128,7 +162,10 @@ class TokenizerManager:
         try:
             tokenizer = BPETokenizer(vocab_size=vocab_size, special_tokens=special_tokens,
                                      min_frequency=min_frequency)
-            tokenizer.train(texts if texts is not None else iter_documents(corpus, text_field))
+            if texts is not None:
+                tokenizer.train(texts, source=source)
+            else:
+                tokenizer.train(iter_documents(corpus, text_field, max_chars=TRAIN_MAX_TEXT_CHARS), source=str(corpus))
             tokenizer.save_pretrained(tmp)
             atomic_write_json(tmp / INFO_FILE, {"key": key, **material})
             fsync_dir(tmp)

@@ -41,7 +41,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from minillm.errors import MiniLLMError
+from minillm.errors import CheckpointError, MiniLLMError
 from minillm.tokenizer.bpe_tokenizer import EOS_TOKEN, UNLIMITED_LENGTH, BPETokenizer
 
 logger = logging.getLogger("minillm.tokenizer")
@@ -345,8 +345,8 @@ def load_tokenizer(spec: str | Path) -> BPETokenizer:
     elif path.is_file():
         try:
             return BPETokenizer.from_file(path)
-        except Exception as e:  # the Rust loader raises a bare Exception on malformed files
-            raise TokenizerLoadError(f"{path} is not a valid tokenizer.json file: {e}") from e
+        except CheckpointError as e:  # names the file and what is wrong with it
+            raise TokenizerLoadError(str(e)) from e
     if isinstance(spec, str):
         try:
             tiktoken_names = _import_tiktoken().list_encoding_names()

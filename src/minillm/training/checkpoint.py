@@ -8,7 +8,6 @@ moment leaves a whole checkpoint (the new one, or the previous one under `NAME.o
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -18,6 +17,8 @@ from typing import Any
 
 from torch import nn
 
+from minillm.checkpoint_files import CONFIG_FILE, config_file, load_torch_file, read_json_object
+from minillm.errors import CheckpointError
 from minillm.io import atomic_write_json, fsync_dir
 
 OLD_SUFFIX = ".old"
@@ -66,14 +67,16 @@ def save_checkpoint(directory: str | Path, model: nn.Module, tokenizer: Any = No
 
 
 def resolve_checkpoint(directory: str | Path) -> Path:
-    """The checkpoint to load for `directory`: itself, or its `.old` copy if a save was interrupted."""
+    """The checkpoint to load for `directory`: itself, or its `.old` copy if a save was interrupted.
+    `CheckpointError` (the message `MiniGPT.from_pretrained` gives) when it is neither: no such directory,
+    a file, or a directory without config.json."""
     directory = Path(directory)
-    if (directory / "config.json").is_file():
+    if (directory / CONFIG_FILE).is_file():
         return directory
     old = directory.with_name(directory.name + OLD_SUFFIX)
-    if (old / "config.json").is_file():
+    if (old / CONFIG_FILE).is_file():
         return old
-    raise FileNotFoundError(f"{directory}: not a checkpoint directory (no config.json)")
+    return config_file(directory).parent  # raises, naming what is missing
 
 
 def rolling_checkpoints(out_dir: str | Path) -> list[Path]:
@@ -156,8 +159,18 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     candidates = rolling_checkpoints(out_dir)
     final = Path(out_dir) / "final"
     if (final / STATE_DIR / "state.json").is_file():
-        step = json.loads((final / STATE_DIR / "state.json").read_text())["step"]
+        state_path = final / STATE_DIR / "state.json"
+        step = read_json_object(state_path).get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise CheckpointError(f"{state_path}: \"step\" must be an integer, got {step!r}")
         newest = int(candidates[-1].name[len(STEP_PREFIX):]) if candidates else -1
         if step >= newest:
             return final
     return candidates[-1] if candidates else None
+
+
+
+def load_state_file(path: str | Path) -> Any:
+    """A training-state file (`optimizer.pt`, `state.pt`, `loader.pt`); `CheckpointError` naming it when
+    it is missing or corrupt."""
+    return load_torch_file(path, "training-state file")

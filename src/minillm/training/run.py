@@ -35,7 +35,6 @@ from minillm.data.formats import Conversation, PreferencePair, PromptRecord, loa
 from minillm.data.preference import PreferenceDataset
 from minillm.data.pretrain import (
     TokenShards,
-    iter_documents,
     split_train_val,
     tokenize_corpus,
     write_token_shards,
@@ -51,7 +50,7 @@ from minillm.rl.ppo import PPOTrainer
 from minillm.rl.reward import RewardModelScorer, resolve_reward_function
 from minillm.rl.rollout import RolloutConfig, as_prompt_records
 from minillm.tokenizer import BPETokenizer
-from minillm.tokenizer.manager import TokenizerManager
+from minillm.tokenizer.manager import TokenizerManager, sample_documents
 from minillm.tokenizer.pretrained import TokenizerLoadError, load_tokenizer
 from minillm.training import distributed as dist_utils
 from minillm.training.checkpoint import STEP_PREFIX, latest_checkpoint, resolve_checkpoint
@@ -79,14 +78,14 @@ def build_tokenizer(config: dict[str, Any], documents: list[str] | None) -> BPET
             return load_tokenizer(spec["path"])
         except TokenizerLoadError as e:
             raise RunConfigError(f"tokenizer.path: {e}") from None
+    # A sample of the data: the first `train_documents` documents, each cut to a bounded length (see
+    # `sample_documents`), so that neither a huge document nor a huge corpus has to fit in memory.
     source = config["data"]["source"]
-    texts = documents if documents is not None else iter_documents(source, config["data"]["text_field"])
-    sample = []
-    for text in texts:
-        sample.append(text)
-        if len(sample) >= spec["train_documents"]:
-            break
-    return TokenizerManager(cache_dir()).get_or_train(sample, int(spec["vocab_size"]))
+    if documents is not None:
+        sample = documents[: spec["train_documents"]]
+    else:
+        sample = sample_documents(source, config["data"]["text_field"], max_documents=spec["train_documents"])
+    return TokenizerManager(cache_dir()).get_or_train(sample, int(spec["vocab_size"]), source=str(source))
 
 
 def cache_dir() -> Path:

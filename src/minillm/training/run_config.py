@@ -363,7 +363,7 @@ def check_run_config(config: dict[str, Any], where: Any = None) -> dict[str, Any
             problem = _bad(path, error["input"], error["msg"][0].lower() + error["msg"][1:])
         raise RunConfigError(f"{where(path)}: {problem.message}") from None
     classes = _section_classes()
-    problems = _check_stage(config) + _check_model(config)
+    problems = _check_model(config)  # each value first, then the rules that tie sections together
     for name in ("training", "memory", "rollout"):
         config[name], found = _check_fields(classes[name], config[name], (name,))
         problems += found
@@ -373,7 +373,7 @@ def check_run_config(config: dict[str, Any], where: Any = None) -> dict[str, Any
     if config["data"]["identity"] is not None:
         _, found = _check_fields(classes["data.identity"], config["data"]["identity"], ("data", "identity"))
         problems += found
-    problems += _check_objective(config)
+    problems += _check_objective(config) + _check_stage(config)
     if problems:
         first = problems[0]
         more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""

@@ -9,7 +9,6 @@ kept in `best/`, the last in `final/`.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -30,10 +29,11 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
+from minillm.checkpoint_files import read_json_object
 from minillm.data.formats import DataError
 from minillm.data.loader import BatchLoader, pad_collate
 from minillm.data.pretrain import LanguageModelingDataset, PretrainDataLoader
-from minillm.errors import MiniLLMError
+from minillm.errors import CheckpointError, MiniLLMError
 from minillm.io import atomic_write_json
 from minillm.model.lora import ADAPTER_WEIGHTS_FILE, load_lora_state_dict, merge_lora, save_lora
 from minillm.model.transformer import WEIGHTS_FILE, eval_mode
@@ -51,6 +51,7 @@ from minillm.training.checkpoint import (
     STATE_DIR,
     STEP_PREFIX,
     clean_leftovers,
+    load_state_file,
     prune_checkpoints,
     save_checkpoint,
 )
@@ -668,7 +669,16 @@ class Trainer:
         state_dir = directory / STATE_DIR
         if not (state_dir / "state.json").is_file():
             raise FileNotFoundError(f"{directory}: no {STATE_DIR}/ to resume from (was it saved by a run?)")
-        state = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
+        state = read_json_object(state_dir / "state.json")
+        try:
+            self._load_state(directory, state)
+        except (KeyError, IndexError, TypeError) as e:  # a state file of another shape or a damaged one
+            raise CheckpointError(f"{state_dir}: training state is incomplete or malformed "
+                                  f"({type(e).__name__}: {e})") from e
+        logger.info("resumed from %s at step %d", directory, self.step)
+
+    def _load_state(self, directory: Path, state: dict[str, Any]) -> None:
+        state_dir = directory / STATE_DIR
         self._check_resumable(state, directory)
         if getattr(self.base_model, "lora_config", None) is not None:
             adapter = directory / ADAPTER_WEIGHTS_FILE
@@ -680,9 +690,9 @@ class Trainer:
         else:
             self.base_model.load_weights(directory)
         self._setup_optimizer(self.total_steps())
-        optimizer_state = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer_state = load_state_file(state_dir / "optimizer.pt")
         dist_utils.load_full_optimizer_state(self.model, self.optimizer, optimizer_state, self._param_names)
-        tensors = torch.load(state_dir / "state.pt", weights_only=True)
+        tensors = load_state_file(state_dir / "state.pt")
         self.scheduler.load_state_dict(tensors["scheduler"])
         self.scaler.load_state_dict(tensors["scaler"])
         rank = self.dist.rank if self.world_size > 1 else 0
@@ -696,11 +706,10 @@ class Trainer:
         if state["loader"] is not None and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(state["loader"])
         if hasattr(self.train_loader, "load_tensor_state") and (state_dir / "loader.pt").is_file():
-            self.train_loader.load_tensor_state(torch.load(state_dir / "loader.pt", weights_only=True))
+            self.train_loader.load_tensor_state(load_state_file(state_dir / "loader.pt"))
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.best_val_loss = math.inf if state["best_val_loss"] is None else state["best_val_loss"]
         self.evals_without_improvement = state.get("evals_without_improvement", 0)
-        logger.info("resumed from %s at step %d", directory, self.step)
 
     def _check_resumable(self, state: dict[str, Any], directory: Path) -> None:
         saved_world = state.get("world_size", 1)
