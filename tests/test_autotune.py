@@ -198,8 +198,8 @@ def test_trainer_uses_and_records_the_choices(model, monkeypatch):
         assert autocast_dtype is torch.bfloat16
         return autotune.Decision("eager", "measured", {"eager": 3.0, "compiled": 2.9}, compile_s=30.0)
 
-    monkeypatch.setattr("minillm.training.trainer.choose_precision", fake_precision)
-    monkeypatch.setattr("minillm.training.trainer.choose_compile", fake_compile)
+    monkeypatch.setattr("minillm.training.precision.choose_precision", fake_precision)
+    monkeypatch.setattr("minillm.training.precision.choose_compile", fake_compile)
     batches = [{"input_ids": torch.zeros(2, 8, dtype=torch.long), "labels": torch.zeros(2, 8, dtype=torch.long)}]
     trainer = Trainer(model, config=TrainingConfig(max_steps=500, compile="auto", progress=False), device="cpu",
                       train_data=batches)

@@ -6,12 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from minillm.benchmarks.performance import (
-    TRAINING_SHAPES,
+    BenchmarkSettings,
+    config_runs,
     format_table,
     run_benchmark,
+    training_shape,
 )
 
 pytest.importorskip("transformers")
@@ -67,13 +70,14 @@ def test_bench_command_writes_json(tmp_path, capsys):
     assert "train tokens/s" in capsys.readouterr().out
 
 
-def test_training_shapes_are_those_of_the_pretrain_configs():
+def test_training_shapes_are_read_from_the_pretrain_configs():
+    runs = config_runs()
     for path in sorted(CONFIGS.glob("pretrain_*.yaml")):
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
         preset = config["model"]["preset"]
-        shape = (config["training"]["batch_size"], config["data"]["max_length"],
-                 config["tokenizer"]["vocab_size"])
-        assert TRAINING_SHAPES[preset] == shape, path.name
+        assert training_shape(preset, BenchmarkSettings(torch.device("cpu"), "fp32")) == (
+            config["training"]["batch_size"], config["data"]["max_length"], config["tokenizer"]["vocab_size"]), path.name
+        assert runs[preset]["max_steps"] == config["max_steps"], path.name
 
 
 def test_unknown_preset_is_refused_by_name():

@@ -11,8 +11,8 @@ import yaml
 from minillm.cli import main
 from minillm.data.builtin import builtin_corpus
 from minillm.model import MiniGPT
+from minillm.recipes.config import CONFIG_DIR, RunConfigError, load_run_config
 from minillm.tokenizer import BPETokenizer
-from minillm.training.run_config import CONFIG_DIR, RunConfigError, load_run_config
 
 TINY_MODEL = ["model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=4",
               "model.num_key_value_heads=2", "model.intermediate_size=128"]
@@ -72,7 +72,7 @@ def test_shipped_configs_load_and_name_their_stage():
     assert {"pretrain_tiny", "sft_tiny"} <= set(names)
     for name in names:
         if name.startswith("rlhf"):  # a pipeline: one run config per stage
-            from minillm.rl.pipeline import RLHFPipeline
+            from minillm.recipes.rlhf import RLHFPipeline
 
             configs = RLHFPipeline.from_config(name).configs
             assert [c["stage"] for c in configs.values()] == ["sft", "reward", "ppo"]
@@ -202,8 +202,8 @@ def test_dry_run_prints_the_memory_estimate_without_training(tmp_path, capsys):
     assert "training memory estimate" in out and "activations" in out and "total" in out
     assert not (tmp_path / "run").exists()
     # the memory: section counts: checkpointing and a smaller micro-batch shrink the activations
-    from minillm.training.run import estimate_run_memory
-    from minillm.training.run_config import load_run_config
+    from minillm.recipes.config import load_run_config
+    from minillm.recipes.run import estimate_run_memory
 
     plain = estimate_run_memory(load_run_config("pretrain_small"))
     saving = estimate_run_memory(load_run_config("pretrain_small", ["memory.gradient_checkpointing=true",

@@ -9,7 +9,7 @@ from minillm.data.builtin import builtin_preference_pairs
 from minillm.data.preference import DPODataLoader, PreferenceDataset
 from minillm.model import MiniGPT, MiniGPTConfig
 from minillm.training.objectives import DPOObjective, dpo_loss, sequence_logps
-from minillm.training.trainer import DPOTrainer
+from minillm.training.stages import DPOTrainer
 
 
 def log_sigmoid(x: float) -> float:

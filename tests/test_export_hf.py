@@ -10,9 +10,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from minillm.cli import main  # noqa: E402
-from minillm.export.hf import ExportError, export_hf, hf_family  # noqa: E402
+from minillm.export.hf import ExportError, export_hf  # noqa: E402
 from minillm.inference.generator import GenerationConfig, TextGenerator  # noqa: E402
 from minillm.model import MiniGPT, MiniGPTConfig  # noqa: E402
+from minillm.model.hf import hf_family  # noqa: E402
 from minillm.model.lora import LoRAConfig, apply_lora  # noqa: E402
 
 FAMILIES = {

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from minillm.cli import main
-from minillm.training.run_config import RunConfigError, load_run_config
+from minillm.recipes.config import RunConfigError, load_run_config
 
 # (id, YAML file text, what the one error line must contain). The file is `cfg.yaml`; `:N` is its line.
 CONFIG_FILES = [

@@ -11,11 +11,14 @@ from minillm.data.formats import (
     DataError,
     LabelledSequence,
     Message,
+    NotUTF8Error,
     PreferencePair,
     detect_schema,
+    iter_json_objects,
     iter_records,
     load_records,
     load_word_vocab,
+    read_text,
     to_conversation,
     to_preference,
 )
@@ -243,3 +246,50 @@ def test_load_word_vocab_errors(tmp_path, text, reason):
         load_word_vocab(tmp_path / "vocab.json")
     with pytest.raises(DataError, match="no such vocabulary file"):
         load_word_vocab(tmp_path / "missing.json")
+
+
+# ---------------------------------------------------------------------------------------- the one reader
+LAYOUTS = {  # the same two records, or one, as every layout the reader takes
+    "jsonl": '{"text": "a"}\n\n{"text": "b"}\n',
+    "array": '[\n  {"text": "a"},\n  {"text": "b"}\n]\n',
+    "pretty object": '{\n  "text": "a"\n}\n',
+}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+@pytest.mark.parametrize("bom", ["", "\ufeff"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_json_records_are_read_alike_whatever_the_layout_suffix_or_bom(tmp_path, layout, bom, suffix):
+    from minillm.data.pretrain import iter_documents
+
+    path = tmp_path / f"data{suffix}"
+    path.write_text(bom + LAYOUTS[layout], encoding="utf-8")
+    objects = [obj for _, _, obj in iter_json_objects(path)]
+    assert objects == ([{"text": "a"}] if layout == "pretty object" else [{"text": "a"}, {"text": "b"}])
+    assert [r for _, r in iter_records(path)] == [o["text"] for o in objects]
+    if suffix == ".jsonl" or layout == "array":  # a .json corpus file holds a list
+        assert list(iter_documents(path)) == [o["text"] for o in objects]
+
+
+def test_json_reader_names_file_line_and_byte(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"a\.jsonl:2: not UTF-8 .*at byte 28"):
+        list(iter_json_objects(path))
+    path.write_text('{"text": "ok"}\n{"text": \n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"a\.jsonl:2: malformed JSON"):
+        list(iter_json_objects(path))
+    path = tmp_path / "b.json"
+    path.write_text('[{"text": "ok"},\n {"text": }]', encoding="utf-8")
+    with pytest.raises(DataError, match=r"b\.json:2: malformed JSON"):
+        list(iter_json_objects(path))
+
+
+def test_read_text_drops_a_bom_and_names_the_first_bad_byte(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("\ufeff正文\n", encoding="utf-8")
+    assert read_text(path) == "正文\n" and read_text(path, max_chars=1) == "正"
+    path.write_bytes(b"good line\nbad \xff here\n")
+    with pytest.raises(NotUTF8Error, match=r"t\.txt:2: not UTF-8 text .*at byte 14") as caught:
+        read_text(path)
+    assert (caught.value.line, caught.value.file) == (2, path)

@@ -83,7 +83,7 @@ def test_every_config_field_was_reviewed():
         "norm_type", "position_embedding", "mlp_type", "qk_norm", "num_experts",
         # MoE only (refused), training only, or metadata
         "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
-        "router_aux_loss_coef", "dropout", "gradient_checkpointing", "extra",
+        "router_aux_loss_coef", "dropout", "extra",
     }
     assert {f.name for f in dataclasses.fields(MiniGPTConfig)} == reviewed
 

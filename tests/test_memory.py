@@ -25,8 +25,10 @@ CONFIGS = [  # (preset, overrides, batch, seq_len)
 
 def _compare(preset, overrides, batch, seq_len, checkpointing):
     torch.manual_seed(0)
-    config = MiniGPTConfig.from_preset(preset, gradient_checkpointing=checkpointing, **overrides)
-    measured = measure_peak_training_memory(MiniGPT(config), batch, seq_len)
+    config = MiniGPTConfig.from_preset(preset, **overrides)
+    model = MiniGPT(config)
+    model.gradient_checkpointing_enable(checkpointing)
+    measured = measure_peak_training_memory(model, batch, seq_len)
     estimate = estimate_memory(config, batch, seq_len, gradient_checkpointing=checkpointing)
     ratio = estimate.total / measured
     print(f"{preset:>9} {overrides!s:<22} B={batch:<3} T={seq_len:<4} ckpt={checkpointing!s:<5} "

@@ -216,7 +216,7 @@ def test_peak_flops_uses_datasheet_for_known_gpu(monkeypatch):
 
 def test_measuring_the_peak_leaves_the_global_rng_alone(tmp_path, monkeypatch):
     from minillm.training import mfu as mfu_module
-    from minillm.training.trainer import cpu_bf16_is_fast
+    from minillm.training.precision import cpu_bf16_is_fast
 
     monkeypatch.setenv("MINILLM_CACHE_DIR", str(tmp_path))
     state = torch.get_rng_state()

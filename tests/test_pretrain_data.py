@@ -12,10 +12,14 @@ from minillm.data.pretrain import (
     PretrainDataLoader,
     TokenShards,
     iter_documents,
+    reusable_shards,
+    source_stamp,
     split_train_val,
+    stamp_shards,
     tokenize_corpus,
     write_token_shards,
 )
+from minillm.tokenizer import BPETokenizer
 
 
 def test_shards_hold_every_document_followed_by_eos(tmp_path, corpus, tokenizer):
@@ -163,3 +167,20 @@ def test_tokenize_corpus_reuses_shards_until_the_corpus_changes(tmp_path, tokeni
     corpus_file.write_text("Tom has 2 apples.\n" * 80, encoding="utf-8")
     second = tokenize_corpus(corpus_file, tokenizer, tmp_path / "s")
     assert len(second) != len(first)
+
+
+def test_reusable_shards_match_tokenizer_and_source(tmp_path, tokenizer):
+    out = tmp_path / "s"
+    assert reusable_shards(out, tokenizer, {"builtin": [10, 0, "zh"]}) is None  # nothing there yet
+    write_token_shards(["小明有3个苹果。"] * 20, tokenizer, out, source="builtin")
+    assert reusable_shards(out, tokenizer, {"builtin": [10, 0, "zh"]}) is None  # written, not stamped
+    stamped = stamp_shards(out, {"builtin": [10, 0, "zh"]})
+    reused = reusable_shards(out, tokenizer, {"builtin": [10, 0, "zh"]})
+    assert reused is not None and len(reused) == len(stamped)
+    assert reusable_shards(out, tokenizer, {"builtin": [11, 0, "zh"]}) is None  # another corpus
+    other = BPETokenizer(vocab_size=300)
+    other.train(["Tom has 2 apples."] * 20)
+    assert reusable_shards(out, other, {"builtin": [10, 0, "zh"]}) is None  # another tokenizer
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("text\n", encoding="utf-8")
+    assert source_stamp(corpus) == [[str(corpus), 5, corpus.stat().st_mtime_ns]]

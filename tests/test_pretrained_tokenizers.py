@@ -13,6 +13,8 @@ tiktoken = pytest.importorskip("tiktoken")
 
 from tokenizers import Regex, pre_tokenizers  # noqa: E402
 
+from minillm.data.corpus import corpus_fingerprint  # noqa: E402
+from minillm.data.pretrain import iter_documents  # noqa: E402
 from minillm.tokenizer import BPETokenizer  # noqa: E402
 from minillm.tokenizer.manager import (  # noqa: E402
     INFO_FILE,
@@ -292,15 +294,19 @@ def test_manager_caches_path_corpora(tmp_path, monkeypatch):
     (corpus_dir / "a.txt").write_text("\n".join(training_corpus(seed=5, lines=80)), encoding="utf-8")
     (corpus_dir / "b.jsonl").write_text('{"text": "你好 world 123"}\n{"text": "再见 moon"}\n', encoding="utf-8")
     manager = TokenizerManager(tmp_path / "cache")
-    first = manager.get_or_train(corpus_dir, vocab_size=400)
-    old_key = manager.cache_key(corpus_dir, 400)
+
+    def get(path):  # a path corpus: read only on a cache miss
+        return manager.get_or_train(iter_documents(path), vocab_size=400, fingerprint=corpus_fingerprint(path))
+
+    first = get(corpus_dir)
+    old_key = manager.cache_key(iter_documents(corpus_dir), 400, fingerprint=corpus_fingerprint(corpus_dir))
     assert os.listdir(tmp_path / "cache") == [old_key]
     with monkeypatch.context() as patch:
         _forbid_training(patch)
-        assert manager.get_or_train(str(corpus_dir), vocab_size=400).fingerprint() == first.fingerprint()
+        assert get(str(corpus_dir)).fingerprint() == first.fingerprint()
     (corpus_dir / "b.jsonl").write_text('{"text": "你好 world 124"}\n{"text": "再见 moon"}\n', encoding="utf-8")
-    assert manager.cache_key(corpus_dir, 400) != old_key
-    manager.get_or_train(corpus_dir, vocab_size=400)
+    assert manager.cache_key([], 400, fingerprint=corpus_fingerprint(corpus_dir)) != old_key
+    get(corpus_dir)
     assert len(list((tmp_path / "cache").iterdir())) == 2
 
 

@@ -11,8 +11,8 @@ from minillm.evaluation.word_problems import word_problem_accuracy
 from minillm.inference.generator import TextGenerator
 from minillm.model import MiniGPT
 from minillm.quickstart import STAGES, run_quickstart
+from minillm.recipes.config import RunConfigError
 from minillm.tokenizer import BPETokenizer
-from minillm.training.run_config import RunConfigError
 
 FEW_STEPS = ["pretrain.max_steps=30", "pretrain.eval_every=15", "pretrain.data.num_documents=1500",
              "pretrain.tokenizer.train_documents=1500", "sft.max_steps=8", "sft.data.num_documents=200",

@@ -12,7 +12,7 @@ from minillm.data.preference import DPODataLoader, PreferenceDataset
 from minillm.model import MiniGPT, MiniGPTConfig
 from minillm.model.heads import MiniGPTRewardModel, is_reward_checkpoint
 from minillm.training.objectives import RewardObjective, reward_loss
-from minillm.training.trainer import RewardTrainer
+from minillm.training.stages import RewardTrainer
 
 
 def small_config(tokenizer) -> MiniGPTConfig:

@@ -15,8 +15,8 @@ from minillm.data.formats import DataError, Message, PromptRecord, load_records
 from minillm.data.preference import PreferenceDataset
 from minillm.model import MiniGPT, MiniGPTConfig
 from minillm.model.heads import VALUE_HEAD_FILE, MiniGPTRewardModel
+from minillm.recipes.rlhf import RLHFPipeline
 from minillm.rl import GRPOTrainer, PPOTrainer, RewardModelScorer, RolloutConfig
-from minillm.rl.pipeline import RLHFPipeline
 from minillm.rl.reward import compute_rewards
 from minillm.training import TrainingConfig
 from minillm.training.objectives import RewardObjective, stack_pairs

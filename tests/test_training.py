@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from minillm.checkpoint_files import resolve_checkpoint
 from minillm.data.pretrain import LanguageModelingDataset, TokenShards, split_train_val, write_token_shards
 from minillm.model import MiniGPT, MiniGPTConfig
 from minillm.tokenizer import BPETokenizer
 from minillm.training import PreTrainer, TrainingConfig, resolve_precision
-from minillm.training.checkpoint import resolve_checkpoint, save_checkpoint
+from minillm.training.checkpoint import save_checkpoint
 from minillm.training.schedule import lr_multiplier
 
 ORIGINAL_QUICKSTART = textwrap.dedent('''

@@ -108,7 +108,7 @@ def test_memory_config_sets_batching_and_checkpointing():
     trainer = Trainer(model, train_data=Windows(), max_steps=1, batch_size=16, progress=False,
                       memory=MemoryConfig(gradient_checkpointing=True, micro_batch_size=4, grad_accum_steps=4))
     assert (trainer.config.batch_size, trainer.config.grad_accum_steps) == (4, 4)
-    assert model.config.gradient_checkpointing
+    assert model.gradient_checkpointing
     assert trainer.train()["tokens"] == 16 * 24
 
 
@@ -127,7 +127,7 @@ def test_optimizer_offload_gives_the_same_weights(monkeypatch):
             assert not state_params & set(map(id, model.parameters()))
         return {k: v.clone() for k, v in model.state_dict().items()}
 
-    monkeypatch.setattr(trainer_module, "_offload_useful", lambda device: True)
+    monkeypatch.setattr(trainer_module, "offload_useful", lambda device: True)
     plain, offloaded = train(False), train(True)
     for key in plain:
         torch.testing.assert_close(offloaded[key], plain[key], atol=1e-6, rtol=0)

@@ -14,6 +14,8 @@ from typing import Any
 from minillm.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
+# A checkpoint being replaced is moved to NAME.old until the new one is in place (see training.checkpoint).
+OLD_SUFFIX = ".old"
 
 
 class MissingCheckpointFileError(CheckpointError, FileNotFoundError):
@@ -107,3 +109,16 @@ def load_torch_file(path: str | Path, what: str = "PyTorch file", map_location: 
     except Exception as e:  # a corrupt file raises anything from struct.error to UnpicklingError
         first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
         raise CheckpointError(f"{path}: not a readable {what}, truncated or corrupt ({first[:120]})") from e
+
+
+def resolve_checkpoint(directory: str | Path) -> Path:
+    """The checkpoint to load for `directory`: itself, or its `.old` copy if a save was interrupted.
+    `CheckpointError` (the message `MiniGPT.from_pretrained` gives) when it is neither: no such directory,
+    a file, or a directory without config.json."""
+    directory = Path(directory)
+    if (directory / CONFIG_FILE).is_file():
+        return directory
+    old = directory.with_name(directory.name + OLD_SUFFIX)
+    if (old / CONFIG_FILE).is_file():
+        return old
+    return config_file(directory).parent  # raises, naming what is missing

@@ -104,23 +104,39 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error (also MINILLM_DEBUG=1); anywhere on the line")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_tokenizer, _add_data, _add_train, _add_generate_and_chat, _add_serve,
+                _add_eval, _add_export, _add_plot, _add_bench, _add_quickstart):
+        add(commands)
+    return parser
 
-    def command(parent, name: str, help_text: str, key: str | None = None) -> argparse.ArgumentParser:
-        return parent.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES.get(key or name),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    def sampling_flags(sub: argparse.ArgumentParser, max_new_tokens: int, temperature: float, top_p: float) -> None:
-        sub.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-        sub.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-        sub.add_argument("--top-k", type=int, default=0)
-        sub.add_argument("--top-p", type=float, default=top_p)
-        sub.add_argument("--repetition-penalty", type=float, default=1.0)
-        sub.add_argument("--seed", type=int)
+def _command(parent, name: str, help_text: str, key: str | None = None) -> argparse.ArgumentParser:
+    """A (sub)command whose help shows its description and its examples (`EXAMPLES[key or name]`)."""
+    return parent.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES.get(key or name),
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    tokenizer = commands.add_parser("tokenizer", help="train or compare tokenizers")
-    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
-    tok_train = command(tokenizer_commands, "train", "train a byte-level BPE tokenizer on a corpus",
-                        "tokenizer train")
+
+def _group(commands: argparse._SubParsersAction, name: str, help_text: str,
+           metavar: str = "ACTION") -> argparse._SubParsersAction:
+    """A command with actions of its own (`minillm NAME ACTION`); the action is `args.NAME_command`."""
+    return commands.add_parser(name, help=help_text).add_subparsers(dest=f"{name}_command", required=True,
+                                                                    metavar=metavar)
+
+
+def _sampling_flags(sub: argparse.ArgumentParser, max_new_tokens: int, temperature: float, top_p: float) -> None:
+    sub.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    sub.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    sub.add_argument("--top-k", type=int, default=0)
+    sub.add_argument("--top-p", type=float, default=top_p)
+    sub.add_argument("--repetition-penalty", type=float, default=1.0)
+    sub.add_argument("--seed", type=int)
+
+
+def _add_tokenizer(commands: argparse._SubParsersAction) -> None:
+    """`tokenizer train` and `tokenizer eval`."""
+    tokenizer_commands = _group(commands, "tokenizer", "train or compare tokenizers")
+    tok_train = _command(tokenizer_commands, "train", "train a byte-level BPE tokenizer on a corpus",
+                         "tokenizer train")
     tok_train.add_argument("--data", default="builtin", help="'builtin' or a text/JSONL file or directory")
     tok_train.add_argument("--vocab-size", type=int, default=4096,
                            help="tokens in all, at least 260 (256 byte symbols and 4 special tokens)")
@@ -129,25 +145,27 @@ def _parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--text-field", default="text", help="JSONL field holding the text")
     tok_train.add_argument("--out", required=True, help="directory to save the tokenizer to")
     tok_train.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty (else refused)")
-    tok_eval = command(tokenizer_commands, "eval", "compare tokenizers on a corpus: characters and bytes per token",
-                       "tokenizer eval")
+    tok_eval = _command(tokenizer_commands, "eval", "compare tokenizers on a corpus: characters and bytes per token",
+                        "tokenizer eval")
     tok_eval.add_argument("--data", default="builtin", help="'builtin' or a text/JSONL file or directory")
     tok_eval.add_argument("--tokenizer", action="append", required=True, dest="tokenizers",
                           help="a tokenizer directory, tokenizer.json, or tiktoken name (gpt2, cl100k_base); repeat")
     tok_eval.add_argument("--max-documents", type=int, default=2000,
                           help="compare on this many documents (each cut to its first 2M characters)")
 
-    data = commands.add_parser("data", help="download, prepare and inspect datasets")
-    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    download = command(data_commands, "download", "download a named public dataset, a URL or a Hub dataset",
-                       "data download")
+
+def _add_data(commands: argparse._SubParsersAction) -> None:
+    """`data download`, `data prepare`, `data inspect`."""
+    data_commands = _group(commands, "data", "download, prepare and inspect datasets")
+    download = _command(data_commands, "download", "download a named public dataset, a URL or a Hub dataset",
+                        "data download")
     download.add_argument("name", nargs="?", help="a registry name (see --list), an http(s) URL, or hf:owner/name[/path]")
     download.add_argument("--out", default="data/raw", help="directory to download into")
     download.add_argument("--sha256", help="expected digest of a single URL")
     download.add_argument("--force", action="store_true", help="download again even if present and verified")
     download.add_argument("--list", action="store_true", help="list the registry and exit")
-    prepare = command(data_commands, "prepare",
-                      "clean, de-duplicate, filter, sample and split a dataset, with a report", "data prepare")
+    prepare = _command(data_commands, "prepare",
+                       "clean, de-duplicate, filter, sample and split a dataset, with a report", "data prepare")
     prepare.add_argument("inputs", nargs="+", help="text/JSONL/JSON files or directories")
     prepare.add_argument("--out", required=True, help="output directory (train.jsonl, val.jsonl, report.json)")
     prepare.add_argument("--kind", choices=("text", "conversation", "preference", "labelled"),
@@ -166,11 +184,14 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--skip-bad", action="store_true", help="skip and count malformed records instead of stopping")
     prepare.add_argument("--overwrite", action="store_true",
                          help="replace --out if it is not empty (else refused; its old contents are deleted)")
-    inspect = command(data_commands, "inspect", "record counts, lengths and a length histogram", "data inspect")
+    inspect = _command(data_commands, "inspect", "record counts, lengths and a length histogram", "data inspect")
     inspect.add_argument("path", help="a text/JSONL/JSON file or directory, or a token shard directory")
     inspect.add_argument("--tokenizer", help="count tokens with this tokenizer (directory or tiktoken name)")
 
-    train = command(commands, "train", "train a model from a YAML config and/or flags")
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    """`train`."""
+    train = _command(commands, "train", "train a model from a YAML config and/or flags")
     train.add_argument("--config", help="a YAML run config, or the name of one in configs/")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides, dotted for sections (model.preset=micro)")
@@ -200,18 +221,24 @@ def _parser() -> argparse.ArgumentParser:
                        help="start a new run in an out_dir that holds another run's checkpoints, deleting them "
                        "(without it that is refused)")
 
-    generate = command(commands, "generate", "generate text from a checkpoint")
+
+def _add_generate_and_chat(commands: argparse._SubParsersAction) -> None:
+    """`generate` and `chat`."""
+    generate = _command(commands, "generate", "generate text from a checkpoint")
     generate.add_argument("checkpoint", help="a model directory (e.g. runs/pretrain_tiny/final)")
     generate.add_argument("--prompt", action="append", required=True,
                           help="prompt text; repeat for a batch")
-    sampling_flags(generate, max_new_tokens=100, temperature=0.8, top_p=0.95)
+    _sampling_flags(generate, max_new_tokens=100, temperature=0.8, top_p=0.95)
 
-    chat = command(commands, "chat", "talk with a checkpoint in the terminal (multi-turn, streamed)")
+    chat = _command(commands, "chat", "talk with a checkpoint in the terminal (multi-turn, streamed)")
     chat.add_argument("checkpoint", help="a model directory with a chat template (e.g. runs/sft_tiny/final)")
     chat.add_argument("--system", help="system prompt")
-    sampling_flags(chat, max_new_tokens=256, temperature=0.7, top_p=0.9)
+    _sampling_flags(chat, max_new_tokens=256, temperature=0.7, top_p=0.9)
 
-    serve = command(commands, "serve", "serve a checkpoint over an OpenAI-compatible HTTP API, with a chat page")
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    """`serve`."""
+    serve = _command(commands, "serve", "serve a checkpoint over an OpenAI-compatible HTTP API, with a chat page")
     serve.add_argument("checkpoint", help="a model directory (e.g. runs/sft_tiny/final)")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default: this machine only; 0.0.0.0 for every interface)")
@@ -230,8 +257,11 @@ def _parser() -> argparse.ArgumentParser:
                             "(default: 30)")
     serve.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
 
-    evaluate = command(commands, "eval", "evaluate a checkpoint: perplexity, label-token classification, multiple "
-                       "choice (C-Eval/CMMLU), word problems, BLEU/ROUGE against references")
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    """`eval`."""
+    evaluate = _command(commands, "eval", "evaluate a checkpoint: perplexity, label-token classification, multiple "
+                        "choice (C-Eval/CMMLU), word problems, BLEU/ROUGE against references")
     evaluate.add_argument("checkpoint", help="a model directory (e.g. runs/sft_tiny/final)")
     evaluate.add_argument("--perplexity", action="append", metavar="FILE",
                           help="perplexity and next-token accuracy on a text file (one document), a JSONL of "
@@ -267,10 +297,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     evaluate.add_argument("--out", help="write every result as JSON to this file")
 
-    export = commands.add_parser("export", help="export a checkpoint for other tools")
-    export_commands = export.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
-    export_hf = command(export_commands, "hf", "a native Hugging Face model directory (Llama, Qwen2, Qwen3 or GPT-2, "
-                        "chosen by the config) that AutoModelForCausalLM loads", "export hf")
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    """`export hf`, `export onnx`."""
+    export_commands = _group(commands, "export", "export a checkpoint for other tools", metavar="FORMAT")
+    export_hf = _command(export_commands, "hf", "a native Hugging Face model directory (Llama, Qwen2, Qwen3 or GPT-2, "
+                         "chosen by the config) that AutoModelForCausalLM loads", "export hf")
     export_hf.add_argument("checkpoint", help="a model directory (e.g. runs/sft_tiny/final)")
     export_hf.add_argument("--out", required=True, help="the directory to write")
     export_hf.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
@@ -278,8 +310,8 @@ def _parser() -> argparse.ArgumentParser:
     export_hf.add_argument("--max-shard-size", default="2GB", help="larger weights are split into shards with an index")
     export_hf.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty (else refused)")
 
-    export_onnx = command(export_commands, "onnx", "an ONNX graph (input_ids, attention_mask -> logits; any batch "
-                          "and sequence length), checked against onnxruntime", "export onnx")
+    export_onnx = _command(export_commands, "onnx", "an ONNX graph (input_ids, attention_mask -> logits; any batch "
+                           "and sequence length), checked against onnxruntime", "export onnx")
     export_onnx.add_argument("checkpoint", help="a model directory (e.g. runs/sft_tiny/final)")
     export_onnx.add_argument("--out", required=True, help="the directory to write (model.onnx and the tokenizer)")
     export_onnx.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
@@ -289,26 +321,35 @@ def _parser() -> argparse.ArgumentParser:
                                   "for decoding one token per call")
     export_onnx.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty (else refused)")
 
-    plot = command(commands, "plot", "redraw a run's plots (plots/*.png) from its metrics.jsonl")
+
+def _add_plot(commands: argparse._SubParsersAction) -> None:
+    """`plot`."""
+    plot = _command(commands, "plot", "redraw a run's plots (plots/*.png) from its metrics.jsonl")
     plot.add_argument("run_dir", help="a run directory holding metrics.jsonl")
 
-    bench = command(commands, "bench", "training, prefill and decode speed, MFU and peak memory of presets, side by "
-                    "side with the same model in transformers")
+
+def _add_bench(commands: argparse._SubParsersAction) -> None:
+    """`bench` and `bench race`."""
+    bench = _command(commands, "bench", "training, prefill and decode speed, MFU and peak memory of presets, side by "
+                     "side with the same model in transformers")
     from minillm.benchmarks.performance import add_arguments as bench_arguments
 
     bench_arguments(bench)
     bench_commands = bench.add_subparsers(dest="bench_command", title="subcommand", metavar="race")
-    race = command(bench_commands, "race", "train the plain recipe (nanoGPT-style: GPT-2 block, characters, AdamW) and "
-                   "ours (Llama block, BPE, Muon, warmup-stable-decay) at the same size on one text, interleaved, "
-                   "and time how long ours takes to reach plain's final validation loss per character",
-                   "bench race")
+    race = _command(bench_commands, "race", "train the plain recipe (nanoGPT-style: GPT-2 block, characters, AdamW) and "
+                    "ours (Llama block, BPE, Muon, warmup-stable-decay) at the same size on one text, interleaved, "
+                    "and time how long ours takes to reach plain's final validation loss per character",
+                    "bench race")
     from minillm.benchmarks.race import add_arguments as race_arguments
 
     race_arguments(race)
 
-    quickstart = command(commands, "quickstart",
-                         "the whole pipeline on the built-in data (tokenizer, pretraining, SFT, DPO, GRPO), each "
-                         "stage evaluated, then report.md and a chat with the best model")
+
+def _add_quickstart(commands: argparse._SubParsersAction) -> None:
+    """`quickstart`."""
+    quickstart = _command(commands, "quickstart",
+                          "the whole pipeline on the built-in data (tokenizer, pretraining, SFT, DPO, GRPO), each "
+                          "stage evaluated, then report.md and a chat with the best model")
     quickstart.add_argument("overrides", nargs="*", metavar="STAGE.key=value",
                             help="override a stage's run config, e.g. grpo.max_steps=200 (stages: pretrain, sft, "
                                  "dpo, grpo)")
@@ -317,7 +358,6 @@ def _parser() -> argparse.ArgumentParser:
                             help="held-out word problems each stage answers (greedy)")
     quickstart.add_argument("--no-chat", action="store_true",
                             help="do not open a chat at the end (it opens only in an interactive terminal)")
-    return parser
 
 
 # `minillm train` flags and the run config keys they set.
@@ -328,9 +368,9 @@ _TRAIN_FLAGS = {"preset": ("model", "preset"), "data": ("data", "source"), "max_
 
 
 def _train(args: argparse.Namespace) -> int:
-    from minillm.rl.pipeline import is_pipeline_config
-    from minillm.training.run import run_training
-    from minillm.training.run_config import load_run_config
+    from minillm.recipes.config import load_run_config
+    from minillm.recipes.rlhf import is_pipeline_config
+    from minillm.recipes.run import run_training
     from minillm.training.trainer import TrainingInterrupted
 
     if is_pipeline_config(args.config):
@@ -351,7 +391,7 @@ def _train(args: argparse.Namespace) -> int:
         flags["max_steps"] = None  # --epochs alone means "train by epochs" even if the config sets steps
     config = load_run_config(args.config, args.overrides, flags, sources)
     if args.dry_run:
-        from minillm.training.run import check_run_fits, estimate_run_memory
+        from minillm.recipes.run import check_run_fits, estimate_run_memory
 
         estimate = estimate_run_memory(config)
         print(estimate.format())
@@ -376,9 +416,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_pipeline(args: argparse.Namespace) -> int:
-    """`minillm train --config rlhf_tiny`: SFT → reward model → PPO (minillm.rl.pipeline)."""
-    from minillm.rl.pipeline import RLHFPipeline
-    from minillm.training.run_config import RunConfigError
+    """`minillm train --config rlhf_tiny`: SFT → reward model → PPO (minillm.recipes.rlhf)."""
+    from minillm.recipes.config import RunConfigError
+    from minillm.recipes.rlhf import RLHFPipeline
     from minillm.training.trainer import TrainingInterrupted
 
     unsupported = [f"--{name.replace('_', '-')}" for name in (
@@ -487,10 +527,10 @@ def _data(args: argparse.Namespace) -> int:
 
 def _load_generator(args: argparse.Namespace):
     """The checkpoint's model and tokenizer as a `TextGenerator`, and the sampling flags as a config."""
+    from minillm.checkpoint_files import resolve_checkpoint
     from minillm.inference.generator import GenerationConfig, TextGenerator
     from minillm.model.transformer import MiniGPT
     from minillm.tokenizer import BPETokenizer
-    from minillm.training.checkpoint import resolve_checkpoint
 
     directory = resolve_checkpoint(args.checkpoint)
     generator = TextGenerator(MiniGPT.from_pretrained(directory), BPETokenizer.from_pretrained(directory))
@@ -539,15 +579,14 @@ def _serve(args: argparse.Namespace) -> int:
         print("minillm serve: error: --model-name is empty", file=sys.stderr)
         return 2
 
-    import torch
-
+    from minillm.checkpoint_files import resolve_checkpoint
+    from minillm.device import resolve_device
     from minillm.model.transformer import MiniGPT
     from minillm.serving import ServerLimits, create_app, default_model_id, run_server
     from minillm.tokenizer import BPETokenizer
-    from minillm.training.checkpoint import resolve_checkpoint
 
     directory = resolve_checkpoint(args.checkpoint)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     model = MiniGPT.from_pretrained(directory, device=device)
     tokenizer = BPETokenizer.from_pretrained(directory)
     name, *aliases = dict.fromkeys(args.model_name or [default_model_id(args.checkpoint)])
@@ -580,16 +619,15 @@ def _eval(args: argparse.Namespace) -> int:
             if not Path(path).exists():
                 raise FileNotFoundError(f"{path}: no such file or directory ({flag})")
 
-    import torch
-
     from minillm import evaluation
+    from minillm.checkpoint_files import resolve_checkpoint
+    from minillm.device import resolve_device
     from minillm.inference.generator import TextGenerator
     from minillm.model.transformer import MiniGPT
     from minillm.tokenizer import BPETokenizer
-    from minillm.training.checkpoint import resolve_checkpoint
 
     directory = resolve_checkpoint(args.checkpoint)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     model = MiniGPT.from_pretrained(directory, device=device)
     needs_text = args.perplexity or args.multiple_choice or args.word_problems or args.references
     # a classifier may have only a vocab.json; the others need the checkpoint's tokenizer files
@@ -661,8 +699,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _export_hf(args: argparse.Namespace) -> int:
+    from minillm.checkpoint_files import resolve_checkpoint
     from minillm.export.hf import export_hf
-    from minillm.training.checkpoint import resolve_checkpoint
 
     out = export_hf(resolve_checkpoint(args.checkpoint), args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                     overwrite=args.overwrite)
@@ -673,8 +711,8 @@ def _export_hf(args: argparse.Namespace) -> int:
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
+    from minillm.checkpoint_files import resolve_checkpoint
     from minillm.export.onnx import export_onnx
-    from minillm.training.checkpoint import resolve_checkpoint
 
     out, check = export_onnx(resolve_checkpoint(args.checkpoint), args.out, opset=args.opset, check=not args.no_check,
                              kv_cache=args.kv_cache, overwrite=args.overwrite)

@@ -15,3 +15,16 @@ class CheckpointError(MiniLLMError, ValueError):
 
 class OutputExistsError(MiniLLMError, FileExistsError):
     """A command would write into a non-empty directory; it refuses unless asked to `--overwrite`."""
+
+
+class DataError(MiniLLMError, ValueError):
+    """Bad input data; the message names the file (and line) and the reason."""
+
+
+class ExportError(MiniLLMError, ValueError):
+    """A model that cannot be exported (or converted) as asked; the message names the field and the reason."""
+
+
+class UnsupportedCheckpointError(ExportError, CheckpointError):
+    """A Hugging Face model directory whose config.json describes a model `MiniGPT` cannot compute exactly
+    (or no model at all); the message names the file and the field."""

@@ -85,20 +85,23 @@ def check_output_dir(path: str | Path, overwrite: bool = False, flag: str = "--o
 
 
 @contextlib.contextmanager
-def staged_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def staged_directory(out_dir: str | Path, overwrite: bool = False, aside: str | None = None) -> Iterator[Path]:
     """A temporary sibling of `out_dir` (`.NAME.tmp-PID`) to write into; it takes `out_dir`'s place only if
     the block succeeds, so a failed or killed write never leaves a half-written directory. A non-empty
-    `out_dir` is refused unless `overwrite`; then the old one is moved aside (`.NAME.old-PID`) before the
-    rename and deleted after it."""
+    `out_dir` is refused unless `overwrite`; then the old one is moved aside (to the sibling `aside`,
+    default `.NAME.old-PID`) before the rename and deleted after it, so that at every moment one whole
+    version exists."""
     out_dir = check_output_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    old = out_dir.with_name(aside or f".{out_dir.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     try:
         yield tmp
         fsync_dir(tmp)
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         if out_dir.exists():
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
         fsync_dir(out_dir.parent)

@@ -28,16 +28,17 @@ import torch
 
 import minillm
 from minillm.data.builtin import builtin_corpus
+from minillm.device import resolve_device
 from minillm.evaluation.perplexity import evaluate_perplexity
 from minillm.evaluation.word_problems import evaluate_word_problems
 from minillm.inference.generator import GenerationConfig, TextGenerator
 from minillm.io import atomic_write_json, atomic_write_text
 from minillm.model.transformer import MiniGPT
+from minillm.recipes.config import RunConfigError, load_run_config
+from minillm.recipes.run import run_stage
 from minillm.tokenizer import BPETokenizer
 from minillm.training.mfu import device_name
-from minillm.training.run import run_stage
-from minillm.training.run_config import RunConfigError, load_run_config
-from minillm.training.trainer import resolve_precision
+from minillm.training.precision import resolve_precision
 
 logger = logging.getLogger("minillm.quickstart")
 
@@ -134,12 +135,12 @@ def evaluate_stage(stage: Stage, stage_dir: Path, problems: int, held_out_text: 
 
 
 def environment() -> dict[str, Any]:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = resolve_precision("auto", torch.device(device))
+    device = resolve_device("auto")
+    precision = resolve_precision("auto", device)
     return {
         "minillm": minillm.__version__, "python": platform.python_version(), "torch": torch.__version__,
         "platform": platform.platform(), "cpu": device_name("cpu"), "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(), "device": device_name(device) if device == "cuda" else "cpu",
+        "threads": torch.get_num_threads(), "device": device_name(device) if device.type != "cpu" else "cpu",
         "precision": str(precision or torch.float32).removeprefix("torch."),
     }
 

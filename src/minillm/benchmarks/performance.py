@@ -6,7 +6,7 @@ one process (`minillm bench`).
     print(format_table(result))
 
 Per preset, a random model with the micro-batch, window and vocabulary of `configs/pretrain_<preset>.yaml`
-(`TRAINING_SHAPES`; any of them can be given instead) is measured for:
+(`config_runs`, read from the shipped configs; any of them can be given instead) is measured for:
 
 - training: tokens/s of optimizer steps taken by the `Trainer` itself, so exactly what `minillm train`
   does (forward, next-token loss, backward, gradient clipping, AdamW with the trainer's parameter groups
@@ -32,7 +32,7 @@ rule without a model, `resolve_precision`). Generation runs on weights in that d
 
 Default settings (`defaults=True`, the column `default`): a copy of our model in a `Trainer` configured as
 `minillm train` is by default, `precision: auto` and `compile: auto`, which the trainer decides by timing
-this very model on the benchmark's shape for a run as long as the preset's config (`RUN_STEPS`; see
+this very model on the benchmark's shape for a run as long as the preset's config (`config_runs`; see
 `minillm.training.autotune`), against transformers in the like-for-like comparison's precision, eager (on a
 CPU: fp32 eager, its defaults). The report prints the choices and the timings behind them.
 
@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import platform
@@ -65,16 +66,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from minillm.benchmarks import report
+from minillm.device import resolve_device
 from minillm.inference import GenerationConfig, TextGenerator
-from minillm.io import atomic_write_json
 from minillm.model import PRESETS, KVCache, MiniGPT, MiniGPTConfig
 from minillm.model.config import ConfigError
 from minillm.model.layers import StaticKVCache
-from minillm.training.autotune import DTYPES
+from minillm.recipes.config import CONFIG_DIR, load_run_config
 from minillm.training.memory import resident_bytes, step_peak_bytes
 from minillm.training.mfu import datasheet_peak_flops, device_name, mfu, time_matmul
 from minillm.training.objectives import LanguageModelingObjective, ObjectiveOutput
-from minillm.training.trainer import Trainer, TrainingConfig, resolve_precision
+from minillm.training.precision import precision_name
+from minillm.training.trainer import Trainer, TrainingConfig
 
 log = logging.getLogger("minillm.benchmarks")
 
@@ -82,22 +85,7 @@ MB = 1024**2
 OURS, THEIRS, COMPILED, DEFAULT = "minillm", "transformers", "minillm compiled", "minillm default"
 OURS_EAGER = "minillm eager"  # generation only: the eager decode loop, beside the fast path (OURS)
 
-# (micro-batch, tokens per window, tokenizer vocabulary) of configs/pretrain_<preset>.yaml, so that the
-# benchmark trains the shapes `minillm train` does; presets without a config get DEFAULT_SHAPE and their
-# own vocabulary.
-TRAINING_SHAPES: dict[str, tuple[int, int, int]] = {
-    "tiny": (16, 128, 2048),
-    "micro": (16, 256, 4096),
-    "mini": (32, 512, 6400),
-    "small": (32, 512, 6400),
-    "minimind-26m": (32, 512, 6400),
-    "minimind-moe": (16, 512, 6400),
-    "gpt2": (16, 1024, 32000),
-}
-DEFAULT_SHAPE = (16, 256)
-# max_steps of configs/pretrain_<preset>.yaml: the run length that `compile: auto` weighs compiling against
-RUN_STEPS = {"tiny": 300, "micro": 800, "mini": 3000, "small": 20000, "minimind-26m": 20000,
-             "minimind-moe": 20000, "gpt2": 50000}
+DEFAULT_SHAPE = (16, 256)  # presets without a shipped pretraining config: (micro-batch, window) and their own vocabulary
 DEFAULT_RUN_STEPS = 1000
 # --quick: the tiny preset at a small shape, a few steps; the whole run takes seconds.
 QUICK = dict(presets=["tiny"], batch_size=8, seq_len=64, steps=2, repeats=3, warmup=1, prompt_len=16,
@@ -116,7 +104,7 @@ class BenchmarkSettings:
 
     device: torch.device
     precision: str  # fp32 | bf16 | fp16: training autocast (fp32: none) and the generation weights' dtype
-    batch_size: int | None = None  # None: the preset's TRAINING_SHAPES
+    batch_size: int | None = None  # None: the preset's shipped config (config_runs)
     seq_len: int | None = None
     vocab_size: int | None = None
     steps: int | None = None  # optimizer steps per timing round; None: about STEP_TARGET_S of them
@@ -355,9 +343,27 @@ def _random_batches(count: int, batch_size: int, seq_len: int, vocab_size: int, 
 
 
 # ---------------------------------------------------------------------------------------- one preset
+@functools.cache
+def config_runs() -> dict[str, dict[str, int]]:
+    """What `minillm train` runs for each preset with a shipped `pretrain_*.yaml` config, read from those
+    configs (the one definition): its micro-batch, window, tokenizer vocabulary and run length, so that the
+    benchmark trains the shapes `minillm train` does."""
+    runs = {}
+    for path in sorted(CONFIG_DIR.glob("pretrain_*.yaml")):
+        config = load_run_config(path)
+        runs.setdefault(config["model"]["preset"], {
+            "batch_size": config["memory"].get("micro_batch_size") or config["training"]["batch_size"],
+            "seq_len": config["data"]["max_length"], "vocab_size": config["tokenizer"]["vocab_size"],
+            "max_steps": config["max_steps"]})
+    return runs
+
+
 def training_shape(preset: str, settings: BenchmarkSettings) -> tuple[int, int, int]:
-    """(batch size, window, vocabulary) for `preset`: the settings' where given, else `TRAINING_SHAPES`."""
-    batch, seq, vocab = TRAINING_SHAPES.get(preset, (*DEFAULT_SHAPE, PRESETS[preset].get("vocab_size", 6400)))
+    """(batch size, window, vocabulary) for `preset`: the settings' where given, else its shipped config's
+    (`config_runs`), else `DEFAULT_SHAPE` and the preset's vocabulary."""
+    run = config_runs().get(preset)
+    batch, seq, vocab = ((run["batch_size"], run["seq_len"], run["vocab_size"]) if run else
+                         (*DEFAULT_SHAPE, PRESETS[preset].get("vocab_size", 6400)))
     return settings.batch_size or batch, settings.seq_len or seq, settings.vocab_size or vocab
 
 
@@ -431,9 +437,9 @@ def default_trainer(model: MiniGPT, preset: str, batches: list[dict[str, torch.T
                     settings: BenchmarkSettings) -> Trainer:
     """A copy of `model` in a `Trainer` configured as `minillm train` is by default: precision and compile
     `auto`, which the trainer decides by timing this model on the batches' shape (see
-    `minillm.training.autotune`) for a run as long as the preset's config (`RUN_STEPS`)."""
+    `minillm.training.autotune`) for a run as long as the preset's config (`config_runs`)."""
     config = TrainingConfig(precision="auto", compile="auto", progress=False, seed=settings.seed,
-                            max_steps=RUN_STEPS.get(preset, DEFAULT_RUN_STEPS))
+                            max_steps=config_runs().get(preset, {}).get("max_steps", DEFAULT_RUN_STEPS))
     return Trainer(copy.deepcopy(model), config=config, device=settings.device, train_data=batches)
 
 
@@ -471,7 +477,7 @@ def run_benchmark(presets: Sequence[str] | None = None, *, device: str = "auto",
     off with `quick`) also decodes on the compiled fast path."""
     if threads is not None:
         torch.set_num_threads(threads)
-    resolved = _resolve_device(device)
+    resolved = resolve_device(device)
     quick_defaults = QUICK if quick else {}
     presets = list(presets or quick_defaults.get("presets") or (["tiny", "micro"] if resolved.type == "cpu"
                                                                  else ["mini", "small"]))
@@ -524,15 +530,6 @@ def run_benchmark(presets: Sequence[str] | None = None, *, device: str = "auto",
     }
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for but torch sees no CUDA GPU")
-    return resolved
-
-
 def _resolve_precision(dtype: str | None, device: torch.device) -> str:
     """The like-for-like comparison's precision: `dtype`, where `auto` is the trainer's rule without a model
     (`resolve_precision`); None: fp32 on a CPU (transformers' default there), that rule on a GPU."""
@@ -540,9 +537,7 @@ def _resolve_precision(dtype: str | None, device: torch.device) -> str:
         raise ValueError(f"dtype={dtype!r} is not supported; allowed: {', '.join(PRECISION_NAMES)}")
     if dtype is None:
         dtype = "fp32" if device.type == "cpu" else "auto"
-    if dtype != "auto":
-        return dtype
-    return next(name for name, d in DTYPES.items() if d == resolve_precision("auto", device))
+    return precision_name(dtype, device)
 
 
 def _transformers_version() -> str | None:
@@ -683,22 +678,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         compare_transformers=False if args.no_transformers else "auto", dtype=args.dtype, compile=args.compile,
         defaults=not args.no_defaults,
         threads=args.threads, seed=args.seed, fast_decode=False if args.no_fast_decode else None)
-    print(format_table(result))
-    if args.out is not None:
-        atomic_write_json(args.out, result)
-        print(f"wrote {args.out}")
-    return 0
+    return report(format_table(result), result, args.out)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="minillm bench", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_from_args(args)
-
-
-__all__ = ["DEFAULT", "OURS", "OURS_EAGER", "RUN_STEPS", "THEIRS", "TRAINING_SHAPES", "BenchmarkSettings", "TransformersLMObjective", "add_arguments",
-           "benchmark_preset", "compare_generation", "default_trainer", "compare_training", "cpu_pressure", "format_table", "main",
+__all__ = ["DEFAULT", "OURS", "OURS_EAGER", "THEIRS", "BenchmarkSettings", "TransformersLMObjective", "add_arguments",
+           "benchmark_preset", "config_runs", "compare_generation", "default_trainer", "compare_training", "cpu_pressure", "format_table",
            "measure_matmul_peak", "run_benchmark", "run_from_args", "timed", "training_shape", "transformers_twin"]

@@ -55,10 +55,11 @@ import numpy as np
 import torch
 import yaml
 
+from minillm.benchmarks import report
 from minillm.benchmarks.performance import BUSY_PRESSURE, cpu_pressure
 from minillm.data.formats import DataError
 from minillm.data.pretrain import LanguageModelingDataset, PretrainDataLoader
-from minillm.io import atomic_write_json
+from minillm.device import resolve_device
 from minillm.model import MiniGPT, MiniGPTConfig
 from minillm.tokenizer import BPETokenizer
 from minillm.training.trainer import Trainer, TrainingConfig
@@ -296,9 +297,7 @@ def run_race(text_path: str | Path, *, plain: Recipe | None = None, ours: Recipe
         raise ValueError(f"eval_every must be at least 1, got {eval_every}")
     if threads is not None:
         torch.set_num_threads(threads)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved = torch.device(device)
+    resolved = resolve_device(device)
     text = read_race_text(text_path)
     train_text, val_text = split_text(text, val_fraction, eval_chars)
     runners = [build_runner(name, recipe, text, train_text, val_text, device=resolved, precision=precision,
@@ -501,11 +500,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     result = run_race(args.text, plain=plain, ours=ours, plain_steps=args.steps, our_steps=args.our_steps,
                       eval_every=args.eval_every, val_fraction=args.val_fraction, eval_chars=args.eval_chars,
                       device=args.device, precision=args.precision, threads=args.threads, seed=args.seed)
-    print(format_race(result))
-    if args.out is not None:
-        atomic_write_json(args.out, result)
-        print(f"wrote {args.out}")
-    return 0
+    return report(format_race(result), result, args.out)
 
 
 __all__ = ["OURS", "PLAIN", "CharVocabulary", "Recipe", "add_arguments", "apply_overrides", "build_runner",

@@ -13,6 +13,10 @@ by suffix) or a directory of them, detect the schema of every record (`SCHEMAS`,
 convert it, and report which schemas they saw. Bad records raise `DataError` naming `file:line` (or
 `file: item N`, 0-based, for a JSON array) and the reason, or, with `skip_bad=True`, are skipped and
 counted. `to_conversation` / `to_preference` convert single objects for other modules.
+
+`iter_json_objects` is the one reader of JSON records (JSONL, a JSON array, or one pretty-printed object;
+a UTF-8 byte order mark dropped; errors naming `file:line`) and `read_text` the one reader of text files:
+corpora, evaluation sets and vocabularies are read through them.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minillm.errors import MiniLLMError
+from minillm.errors import DataError
 
 logger = logging.getLogger("minillm.data")
 
@@ -35,10 +39,6 @@ KINDS = ("conversation", "preference", "labelled", "prompt", "text")
 ROLE_ALIASES = {"system": "system", "user": "user", "human": "user",
                 "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
 RECORD_SUFFIXES = (".jsonl", ".json")
-
-
-class DataError(MiniLLMError, ValueError):
-    """Bad input data; the message names the file (and line) and the reason."""
 
 
 @dataclass(frozen=True)
@@ -415,29 +415,74 @@ def _record_files(path: Path) -> list[Path]:
     return files
 
 
-def _iter_file(file: Path) -> Iterator[tuple[int, str, Any]]:
-    """`(line or item index, unit, object or _Malformed)`: a JSON array if the file starts with '[',
-    else JSONL (a pretty-printed single object also works)."""
-    with open(file, "rb") as f:
-        head = f.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
-    if head.startswith("["):
-        try:
-            data = json.loads(file.read_text(encoding="utf-8-sig"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{file}: not UTF-8 ({e.reason} at byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{file}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-        for i, obj in enumerate(data):
-            yield i, "item", obj
-        return
-    first = True
+class NotUTF8Error(DataError):
+    """A file that is not UTF-8 text; `line` and `reason` name its first bad byte (offset in the file)."""
+
+    def __init__(self, file: Path, line: int, reason: str) -> None:
+        super().__init__(f"{file}:{line}: {reason}")
+        self.file, self.line, self.reason = file, line, reason
+
+
+def not_utf8_error(file: Path) -> NotUTF8Error:
+    """The error for a file that is not UTF-8, naming the line and byte offset of the first bad byte
+    (found by reading the file again, line by line, only on this error path)."""
+    offset = 0
     with open(file, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return NotUTF8Error(file, line_no, f"not UTF-8 text ({e.reason} at byte {offset + e.start})")
+            offset += len(raw)
+    return NotUTF8Error(file, 1, "not UTF-8 text")
+
+
+def read_text(file: str | Path, max_chars: int | None = None) -> str:
+    """A UTF-8 text file (its first `max_chars` characters, if given), without a leading byte order mark;
+    a file that is not UTF-8 raises `NotUTF8Error` naming `file:line` and the byte offset."""
+    file = Path(file)
+    try:
+        with open(file, encoding="utf-8-sig") as f:
+            return f.read() if max_chars is None else f.read(max_chars)
+    except UnicodeDecodeError:
+        raise not_utf8_error(file) from None
+
+
+def _parse_json(file: Path, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{file}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+
+
+def is_json_array(file: str | Path) -> bool:
+    """Whether a JSON(L) file holds one JSON array (its first character after a byte order mark and
+    whitespace is '['), whatever its suffix."""
+    with open(file, "rb") as f:
+        head = f.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+    return head.startswith("[")
+
+
+def _iter_file(file: Path) -> Iterator[tuple[int, str, Any]]:
+    """`(line or item index, unit, object or _Malformed)`: a JSON array if the file starts with '[',
+    else JSONL (a pretty-printed single object also works). A byte order mark is dropped; each JSONL line
+    is decoded on its own, so a bad byte is reported at its own line (with its offset in the file), and
+    released before its object is yielded (a huge line is held once)."""
+    if is_json_array(file):
+        for i, obj in enumerate(_parse_json(file, read_text(file))):
+            yield i, "item", obj
+        return
+    first = True
+    offset = 0
+    with open(file, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
+            try:
                 text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                yield line_no, "line", _Malformed(f"not UTF-8 ({e.reason} at byte {e.start})")
+                yield line_no, "line", _Malformed(f"not UTF-8 ({e.reason} at byte {start + e.start})")
                 continue
+            del raw
             if not text.strip():
                 continue
             try:
@@ -445,21 +490,25 @@ def _iter_file(file: Path) -> Iterator[tuple[int, str, Any]]:
             except json.JSONDecodeError as e:
                 if first and text.strip() == "{":  # one pretty-printed object, not JSONL
                     try:
-                        obj = json.loads(file.read_text(encoding="utf-8-sig"))
-                    except (json.JSONDecodeError, UnicodeDecodeError):
+                        obj = json.loads(read_text(file))
+                    except (json.JSONDecodeError, DataError):
                         pass
                     else:
                         yield line_no, "line", obj
                         return
                 obj = _Malformed(f"malformed JSON ({e.msg} at column {e.colno})")
             first = False
+            del text
             yield line_no, "line", obj
+            del obj
 
 
 def iter_json_objects(file: str | Path) -> Iterator[tuple[int, str, Any]]:
-    """`(line or item index, where, object)` for each record of a JSONL file or JSON array, for readers of
-    other record layouts; `where` is `file:line` (or `file: item i`), and a malformed line is a
-    `DataError` there."""
+    """`(line or item index, where, object)` for each record of a JSON(L) file: the one reader of JSON
+    records, for `load_records` and for readers of other record layouts (corpora, questions). A JSON
+    array or JSONL (or one pretty-printed object), whatever the suffix; a UTF-8 byte order mark is
+    dropped. `where` is `file:line` (or `file: item i`, 0-based), and a malformed line is a `DataError`
+    there."""
     file = Path(file)
     for line, unit, obj in _iter_file(file):
         where = _where(file, line, unit)
@@ -542,9 +591,9 @@ def load_word_vocab(path: str | Path) -> dict[str, int]:
     if not path.is_file():
         raise DataError(f"{path}: no such vocabulary file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        data = json.loads(read_text(path), object_pairs_hook=_unique_keys)
+    except NotUTF8Error:
+        raise
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     except DataError as e:

@@ -372,9 +372,9 @@ def _iter_items(files: Sequence[Path], kind: str | None, skip_bad: bool, per_fil
                 yield item
             continue
         try:
-            text = file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            item = _Item(file, 1, reason=f"not UTF-8 text ({e.reason} at byte {e.start})")
+            text = formats.read_text(file)
+        except formats.NotUTF8Error as e:
+            item = _Item(file, e.line, reason=e.reason)
         else:
             if kind not in (None, "text"):
                 item = _Item(file, 1, reason=f"a text file is a text document, but the data are {kind} records")
@@ -382,7 +382,7 @@ def _iter_items(files: Sequence[Path], kind: str | None, skip_bad: bool, per_fil
                 kind = "text"
                 item = _Item(file, 1, text, TEXT_FILE_SCHEMA)
         if item.record is None and not skip_bad:
-            raise DataError(f"{file}:1: {item.reason}")
+            raise DataError(f"{file}:{item.line}: {item.reason}")
         yield item
 
 

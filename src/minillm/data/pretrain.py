@@ -34,7 +34,7 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
-from minillm.data.formats import DataError
+from minillm.data.formats import DataError, is_json_array, iter_json_objects, not_utf8_error, read_text
 from minillm.data.loader import BatchLoader, stack_collate
 from minillm.io import atomic_write_json, fsync_dir
 
@@ -63,46 +63,20 @@ def find_corpus_files(path: str | Path) -> list[Path]:
 
 def iter_documents(path: str | Path, text_field: str = "text", max_chars: int | None = None) -> Iterator[str]:
     """Yield the documents of a corpus: a text file is one document; JSONL gives one per line
-    (`{"text": ...}`); a JSON file holds a list of strings or of `{"text": ...}` objects. A UTF-8 byte
-    order mark at the start of a file is dropped.
+    (`{"text": ...}`); a JSON file holds a list of strings or of `{"text": ...}` objects. Files are read
+    by `formats.read_text` and `formats.iter_json_objects`, so a UTF-8 byte order mark at the start of a
+    file is dropped and a `.jsonl` file may also hold a JSON array or one pretty-printed object.
 
     `max_chars`: yield only the first `max_chars` characters of each document (a text file is then
     read no further than that), for samples such as the texts a tokenizer is trained on."""
     if max_chars is not None and max_chars < 1:
         raise ValueError(f"max_chars must be at least 1 or None, got {max_chars}")
     for file in find_corpus_files(path):
-        suffix = file.suffix.lower()
-        if suffix == ".jsonl":
-            documents: Iterable[str] = _iter_jsonl(file, text_field)
-        elif suffix == ".json":
-            documents = _iter_json(file, text_field)
-        else:
-            yield _read_text(file, max_chars)
+        if file.suffix.lower() not in JSON_SUFFIXES:
+            yield read_text(file, max_chars)
             continue
-        for document in documents:
+        for document in _iter_json_documents(file, text_field):
             yield document if max_chars is None or len(document) <= max_chars else document[:max_chars]
-
-
-def _not_utf8(file: Path) -> DataError:
-    """The error for a file that is not UTF-8, naming the line and byte offset of the first bad byte
-    (found by reading the file again, line by line, only on this error path)."""
-    offset = 0
-    with open(file, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return DataError(f"{file}:{line_no}: not UTF-8 text ({e.reason} at byte {offset + e.start})")
-            offset += len(raw)
-    return DataError(f"{file}: not UTF-8 text")
-
-
-def _read_text(file: Path, max_chars: int | None = None) -> str:
-    try:
-        with open(file, encoding="utf-8-sig") as f:
-            return f.read() if max_chars is None else f.read(max_chars)
-    except UnicodeDecodeError:
-        raise _not_utf8(file) from None
 
 
 def _text_of(record: Any, text_field: str, where: str) -> str:
@@ -118,40 +92,18 @@ def _text_of(record: Any, text_field: str, where: str) -> str:
     return value
 
 
-def _iter_jsonl(file: Path, text_field: str) -> Iterator[str]:
-    """The documents of a JSONL file, each line decoded on its own (so that a bad byte is reported
-    at its own line) and released before its document is yielded (a huge line is held once)."""
-    offset = 0
-    with open(file, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{file}:{line_no}: not UTF-8 ({e.reason} at byte {offset + e.start})") from None
-            offset += len(raw)
-            del raw
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{file}:{line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
-            del line
-            text = _text_of(record, text_field, f"{file}:{line_no}")
-            del record
-            yield text
-            del text
-
-
-def _iter_json(file: Path, text_field: str) -> Iterator[str]:
-    try:
-        data = json.loads(_read_text(file))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{file}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(data, list):
-        raise DataError(f"{file}: expected a JSON list of documents, got {type(data).__name__}")
-    for i, record in enumerate(data):
-        yield _text_of(record, text_field, f"{file}: item {i}")
+def _iter_json_documents(file: Path, text_field: str) -> Iterator[str]:
+    """The documents of a JSON(L) file, read by `iter_json_objects` (so JSONL, a JSON array and one
+    pretty-printed object are read as everywhere else); a `.json` corpus file must hold a list."""
+    if file.suffix.lower() == ".json" and not is_json_array(file):
+        first = next(iter_json_objects(file), None)
+        found = "an empty file" if first is None else type(first[2]).__name__
+        raise DataError(f"{file}: expected a JSON list of documents, got {found}")
+    for _, where, record in iter_json_objects(file):
+        text = _text_of(record, text_field, where)
+        del record
+        yield text
+        del text
 
 
 # ---------------------------------------------------------------------------------------- streaming parts
@@ -277,7 +229,7 @@ def _iter_text_parts(file: Path, chunk_chars: int = TEXT_CHUNK_CHARS, protect: S
                     held_chars += len(held[-1])
                     text = text[-margin - 1:]
     except UnicodeDecodeError:
-        raise _not_utf8(file) from None
+        raise not_utf8_error(file) from None
     yield DocumentPart("".join(held) + text, True)
 
 
@@ -311,13 +263,10 @@ def iter_document_parts(path: str | Path, text_field: str = "text", chunk_chars:
     the whole text (see `splits_exactly`). `protect`: strings a cut must never fall inside (the
     tokenizer's special tokens)."""
     for file in find_corpus_files(path):
-        suffix = file.suffix.lower()
-        if suffix == ".jsonl":
-            documents: Iterable[str] = _iter_jsonl(file, text_field)
-        elif suffix == ".json":
-            documents = _iter_json(file, text_field)
+        if file.suffix.lower() in JSON_SUFFIXES:
+            documents: Iterable[str] = _iter_json_documents(file, text_field)
         elif chunk_chars is None:
-            documents = [_read_text(file)]
+            documents = [read_text(file)]
         else:
             yield from _iter_text_parts(file, chunk_chars, protect, part_chars)
             continue
@@ -685,12 +634,10 @@ def tokenize_corpus(source: str | Path, tokenizer: Any, out_dir: str | Path, tex
     whole. `workers` as in `write_token_shards`; None: `auto_workers` for the corpus files' size."""
     out_dir = Path(out_dir)
     source = Path(source)
-    stamp = _source_stamp(source)
-    if (out_dir / META_FILE).is_file():
-        shards = TokenShards(out_dir)
-        if shards.fingerprint == tokenizer.fingerprint() and shards.meta.get("source_stamp") == stamp:
-            logger.info("reusing token shards in %s", out_dir)
-            return shards
+    stamp = source_stamp(source)
+    shards = reusable_shards(out_dir, tokenizer, stamp)
+    if shards is not None:
+        return shards
     chunk_chars: int | None = TEXT_CHUNK_CHARS
     if not splits_exactly(tokenizer):
         logger.warning("this tokenizer gives different ids for a text cut into parts: text files are read whole")
@@ -700,14 +647,35 @@ def tokenize_corpus(source: str | Path, tokenizer: Any, out_dir: str | Path, tex
     protect = list(getattr(tokenizer, "special_tokens", ()) or ())
     parts = iter_document_parts(source, text_field, chunk_chars=chunk_chars, protect=protect)
     write_token_shards(parts, tokenizer, out_dir, source=str(source), workers=workers)
+    return stamp_shards(out_dir, stamp)
+
+
+def source_stamp(source: str | Path) -> list[list[Any]]:
+    """Names, sizes and modification times of the corpus files: enough to notice that they changed."""
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in find_corpus_files(source)]
+
+
+def reusable_shards(out_dir: str | Path, tokenizer: Any, stamp: Any) -> TokenShards | None:
+    """The token shards in `out_dir` when they can be reused: they were tokenized by this tokenizer (same
+    fingerprint) from the corpus `stamp` describes (`source_stamp(path)` for a corpus path, or any
+    JSON-ready value naming generated documents), as `stamp_shards` recorded; else None."""
+    out_dir = Path(out_dir)
+    if not (out_dir / META_FILE).is_file():
+        return None
+    shards = TokenShards(out_dir)
+    if shards.fingerprint != tokenizer.fingerprint() or shards.meta.get("source_stamp") != stamp:
+        return None
+    logger.info("reusing token shards in %s", out_dir)
+    return shards
+
+
+def stamp_shards(out_dir: str | Path, stamp: Any) -> TokenShards:
+    """Record in the `meta.json` of shards just written what they were tokenized from (see
+    `reusable_shards`), and open them."""
+    out_dir = Path(out_dir)
     meta = json.loads((out_dir / META_FILE).read_text(encoding="utf-8"))
     atomic_write_json(out_dir / META_FILE, {**meta, "source_stamp": stamp})
     return TokenShards(out_dir)
-
-
-def _source_stamp(source: Path) -> list[list[Any]]:
-    """Names, sizes and modification times of the corpus files: enough to notice that they changed."""
-    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in find_corpus_files(source)]
 
 
 # ---------------------------------------------------------------------------------------- datasets

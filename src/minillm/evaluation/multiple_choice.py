@@ -44,7 +44,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from minillm.data.formats import DataError, iter_json_objects
+from minillm.data.formats import DataError, iter_json_objects, read_text
 from minillm.evaluation.results import EvalResult, markdown_table
 from minillm.evaluation.scoring import labelled_logprobs, next_token_logprobs
 
@@ -115,10 +115,7 @@ def _consecutive_letters(names: Any, letters: str) -> list[str]:
 
 
 def _read_csv(file: Path) -> list[MultipleChoiceQuestion]:
-    try:
-        text = file.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{file}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    text = read_text(file)
     reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader, None)
     if not header:

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from minillm.data.formats import DataError, load_records
+from minillm.data.formats import DataError, load_records, read_text
 from minillm.data.pretrain import find_corpus_files
 from minillm.evaluation.results import EvalResult
 from minillm.evaluation.scoring import labelled_logprobs
@@ -63,13 +63,6 @@ def _text_document(tokenizer: Any, text: str) -> Document:
     return ids, [False] + [True] * (len(ids) - 1)
 
 
-def _read_text(file: Path) -> str:
-    try:
-        return file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-
-
 def load_documents(data: str | Path | Sequence[str], tokenizer: Any) -> list[Document]:
     """The documents of `data` (see the module docstring) as token ids with their scored positions.
     Blank documents are left out."""
@@ -78,7 +71,7 @@ def load_documents(data: str | Path | Sequence[str], tokenizer: Any) -> list[Doc
     documents = []
     for file in find_corpus_files(data):
         if file.suffix.lower() not in (".jsonl", ".json"):
-            text = _read_text(file)
+            text = read_text(file)
             if text.strip():
                 documents.append(_text_document(tokenizer, text))
             continue

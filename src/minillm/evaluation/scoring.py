@@ -9,8 +9,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from minillm.model.transformer import eval_mode
-from minillm.training.objectives import token_logps
+from minillm.model.transformer import eval_mode, token_logps
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -1,5 +1,7 @@
-"""Export to other ecosystems: Hugging Face model directories (`hf`)."""
+"""Export to other ecosystems: Hugging Face model directories (`hf`) and ONNX (`onnx`)."""
 
-from minillm.export.hf import ExportError, export_hf, hf_config, hf_family
+from minillm.errors import ExportError
+from minillm.export.hf import export_hf
+from minillm.model.hf import hf_config, hf_family
 
 __all__ = ["ExportError", "export_hf", "hf_config", "hf_family"]

@@ -25,6 +25,11 @@ class ConfigError(MiniLLMError, ValueError):
     """An invalid model configuration; the message names the field and the allowed values."""
 
 
+# Fields older checkpoints' config.json may hold that are no longer part of the architecture: dropped when
+# a checkpoint is read. (`gradient_checkpointing` is a training switch: `memory.gradient_checkpointing`.)
+RETIRED_FIELDS = ("gradient_checkpointing",)
+
+
 @dataclass
 class MiniGPTConfig:
     vocab_size: int = 6400
@@ -57,7 +62,6 @@ class MiniGPTConfig:
     router_aux_loss_coef: float = 0.01
 
     initializer_range: float = 0.02
-    gradient_checkpointing: bool = False
     bos_token_id: int | None = 0
     eos_token_id: int | None = 0
     pad_token_id: int | None = None

@@ -8,7 +8,6 @@ model directory.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,8 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -28,12 +26,13 @@ from minillm.checkpoint_files import (
     check_directory,
     config_file,
     read_json_object,
-    require_file,
 )
 from minillm.errors import CheckpointError
 from minillm.io import atomic_write, atomic_write_json
-from minillm.model.config import ConfigError, MiniGPTConfig
+from minillm.model.config import RETIRED_FIELDS, ConfigError, MiniGPTConfig
+from minillm.model.hf import config_from_hf
 from minillm.model.layers import DecoderLayer, KVCache, RotaryEmbedding, StaticKVCache, make_norm
+from minillm.model.weights import hf_weights_file, read_hf_weights, read_safetensors
 
 WEIGHTS_FILE = "model.safetensors"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -73,6 +72,7 @@ class MiniGPT(nn.Module):
         config.validate()
         self.config = config
         self.name_or_path: str | None = None  # the directory it was loaded from (a LoRA adapter's base)
+        self.gradient_checkpointing = False  # see gradient_checkpointing_enable
         self.model = MiniGPTModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -181,7 +181,7 @@ class MiniGPT(nn.Module):
         rope = self.model.rotary(position_ids, x.dtype) if self.model.rotary is not None else None
 
         aux_losses = []
-        use_checkpointing = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        use_checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
             if use_checkpointing:
                 x, aux = checkpoint(layer, x, rope, mask, None, use_reentrant=False)
@@ -221,7 +221,9 @@ class MiniGPT(nn.Module):
         return self.config.flops_per_token(seq_len, training)
 
     def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
-        self.config.gradient_checkpointing = enabled
+        """Recompute each layer in backward instead of keeping its activations (a training switch, not
+        part of the architecture: it is not saved with the model)."""
+        self.gradient_checkpointing = enabled
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | Path, generation_config: dict[str, Any] | None = None,
@@ -260,8 +262,6 @@ class MiniGPT(nn.Module):
         if weights_path.is_file() and _is_own_checkpoint(directory):
             state, source = read_safetensors(weights_path, device=str(device)), weights_path
         else:  # a Hugging Face directory: its names and layout, sharded safetensors or PyTorch weights
-            from minillm.export.hf import hf_weights_file, read_hf_weights
-
             state, source = read_hf_weights(directory, device=str(device)), hf_weights_file(directory)
         own = self.state_dict()
         expected = set(own)
@@ -339,46 +339,6 @@ def _shape(tensor: torch.Tensor) -> str:
     return "(" + ", ".join(str(n) for n in tensor.shape) + ")"
 
 
-def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file; `CheckpointError` naming the file when it is missing, empty,
-    truncated or not a safetensors file at all."""
-    path = require_file(path)
-    try:
-        return load_file(str(path), device=device)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: {_safetensors_problem(path, e)}") from e
-
-
-_MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library refuses larger headers
-
-
-def _safetensors_problem(path: Path, error: BaseException) -> str:
-    """What is wrong with a safetensors file the library refused: a safetensors file is an 8-byte
-    little-endian header length, a JSON header giving each tensor's byte range, then the data."""
-    detail = " ".join(str(error).split())
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            header_length = int.from_bytes(f.read(8), "little")
-            if size == 0:
-                return "empty file (0 bytes), expected safetensors weights"
-            if size < 8:
-                return f"not a safetensors file: {size} bytes, shorter than the 8-byte header length"
-            if header_length > _MAX_SAFETENSORS_HEADER:
-                return (f"not a safetensors file: its first 8 bytes give a header of {header_length} bytes "
-                        f"(the file has {size} bytes)")
-            if 8 + header_length > size:
-                return f"truncated: its header needs {8 + header_length} bytes but the file has {size} bytes"
-            header = json.loads(f.read(header_length))
-        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
-        return f"not a valid safetensors file ({detail})"
-    needed = 8 + header_length + max(ends, default=0)
-    if needed > size:
-        return f"truncated: its header describes {needed} bytes but the file has {size} bytes"
-    return f"not a valid safetensors file ({detail})"
-
-
 def load_config(directory: str | Path) -> MiniGPTConfig:
     """The `MiniGPTConfig` of a model directory (ours, or a Hugging Face family `config_from_hf` reads);
     `CheckpointError` naming config.json (and the field) when it is missing or malformed."""
@@ -386,10 +346,8 @@ def load_config(directory: str | Path) -> MiniGPTConfig:
     data = read_json_object(path)
     try:
         if data.get("model_type") != MODEL_TYPE:  # a Hugging Face directory (Llama, Qwen2, Qwen3), or refused
-            from minillm.export.hf import config_from_hf
-
             return config_from_hf(data, path)
-        fields = {k: v for k, v in data.items() if k not in _HF_ONLY_KEYS}
+        fields = {k: v for k, v in data.items() if k not in _HF_ONLY_KEYS and k not in RETIRED_FIELDS}
         MiniGPTConfig.check_types(fields)
         return MiniGPTConfig.from_dict(fields)
     except CheckpointError:
@@ -416,3 +374,17 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     if reduction == "sum":
         return total
     return total / (shift_labels != -100).sum().clamp(min=1)
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor,
+                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, the log-probability of the labelled tokens, (B, T − 1) in fp32, and the mask of the
+    labelled positions: position t's logits score labels[t + 1]; -100 labels score 0 and are masked.
+    With `temperature`, of the distribution softmax(logits / temperature) that RL sampled from."""
+    labels = labels[:, 1:]
+    mask = labels != -100
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, fp64 kept
+    if temperature != 1.0:
+        logits = logits / temperature
+    logps = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return logps * mask, mask

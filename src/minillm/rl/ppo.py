@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from minillm.model.heads import MiniGPTWithValueHead
+from minillm.model.heads import MiniGPTRewardModel, MiniGPTWithValueHead
+from minillm.model.transformer import MiniGPT
 from minillm.rl.reward import RewardFunction
 from minillm.rl.rollout import RLTrainer, RolloutConfig
 from minillm.training.objectives import KL_ESTIMATORS, PPOObjective, gae, kl_estimate, masked_whiten
@@ -50,13 +51,13 @@ class PPOTrainer(RLTrainer):
                  clip_range: float = 0.2, clip_range_value: float = 0.2, vf_coef: float = 0.1,
                  missing_stop_penalty: float = 0.0, ref_model: nn.Module | None = None, **kwargs: Any) -> None:
         if not isinstance(model, MiniGPTWithValueHead):
-            if not hasattr(model, "config") or hasattr(model, "rewards"):
+            if not isinstance(model, MiniGPT) or isinstance(model, MiniGPTRewardModel):
                 raise TypeError("PPOTrainer needs a language model (MiniGPT or MiniGPTWithValueHead)")
-            if getattr(model, "lora_config", None) is not None:
+            if getattr(model, "lora_config", None) is not None:  # set by apply_lora
                 raise ValueError("PPO with LoRA is not supported (the value head trains in full); use GRPO")
             with_head = MiniGPTWithValueHead(model.config)
             with_head.load_state_dict(model.state_dict(), strict=False)
-            with_head.name_or_path = getattr(model, "name_or_path", None)
+            with_head.name_or_path = model.name_or_path
             model = with_head
         if kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator={kl_estimator!r} is not supported; allowed: {', '.join(KL_ESTIMATORS)}")

@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from minillm.data.builtin import RLPrompt
 from minillm.data.formats import DataError, PromptRecord, to_prompt
 from minillm.data.loader import BatchLoader, pad_collate
 from minillm.inference.generator import GenerationConfig, TextGenerator
-from minillm.model.transformer import eval_mode
+from minillm.model.transformer import eval_mode, token_logps
 from minillm.rl.reward import RewardFunction, compute_rewards, resolve_reward_function
 from minillm.tokenizer.chat import encode_chat
-from minillm.training.objectives import token_logps
 from minillm.training.trainer import Trainer, TrainingConfig
 
 __all__ = ["RLTrainer", "RolloutConfig", "RolloutSource", "as_prompt_records"]
@@ -73,7 +73,7 @@ def as_prompt_records(prompts: Sequence[Any], what: str = "prompts") -> list[Pro
     for i, item in enumerate(prompts):
         if isinstance(item, PromptRecord):
             records.append(item)
-        elif hasattr(item, "messages") and hasattr(item, "answer"):  # minillm.data.builtin.RLPrompt
+        elif isinstance(item, RLPrompt):
             records.append(PromptRecord(tuple(item.messages), {"answer": item.answer}))
         else:
             try:
@@ -297,6 +297,12 @@ class RLTrainer(Trainer):
     # ------------------------------------------------------------------ logging, validation, saving
     def _extra_log(self) -> dict[str, float]:
         return {f"rollout/{k}": v for k, v in self.latest_rollout.items()}
+
+    def _loader_tensors(self) -> dict[str, torch.Tensor] | None:
+        return self.train_loader.tensor_state()
+
+    def _load_loader_tensors(self, tensors: dict[str, torch.Tensor] | None) -> None:
+        self.train_loader.load_tensor_state(tensors)
 
     @torch.no_grad()
     def evaluate(self, dataloader: Any = None, max_batches: int | None = None) -> dict[str, float]:

@@ -20,7 +20,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from minillm.checkpoint_files import check_directory, json_kind, read_json_object, read_text, require_file
-from minillm.errors import CheckpointError
+from minillm.errors import CheckpointError, DataError
 from minillm.io import atomic_write_json, atomic_write_text
 from minillm.tokenizer.chat import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE, render_chat_for
 
@@ -201,8 +201,6 @@ class BPETokenizer:
         stream = pieces()
         first = next(stream, None)
         if first is None:
-            from minillm.data.formats import DataError  # here: the data package imports this one
-
             where = f"{source}: empty corpus" if source else "cannot train a tokenizer on an empty corpus"
             raise DataError(f"{where}: no non-blank document to train a tokenizer on")
         backend, trainer = self._new_backend()

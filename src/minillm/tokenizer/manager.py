@@ -16,8 +16,6 @@ from typing import Any
 
 import tokenizers
 
-from minillm.data.formats import DataError
-from minillm.data.pretrain import find_corpus_files, iter_documents
 from minillm.io import atomic_write_json, fsync_dir
 from minillm.tokenizer.bpe_tokenizer import (
     PRETOKENIZE_PATTERN,
@@ -32,8 +30,6 @@ logger = logging.getLogger("minillm.tokenizer")
 
 # Bump when the cache layout or the meaning of a key changes: old entries are then simply not found.
 CACHE_FORMAT_VERSION = 1
-# Files up to this size are fingerprinted by their content; larger ones by name, size and mtime.
-CONTENT_HASH_MAX_BYTES = 16 << 20
 INFO_FILE = "cache_info.json"
 
 
@@ -47,76 +43,34 @@ def _hash_texts(texts: Sequence[str]) -> dict[str, Any]:
     return {"kind": "texts", "count": len(texts), "sha256": digest.hexdigest()}
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def sample_documents(path: str | Path, text_field: str = "text", max_documents: int | None = None,
-                     max_text_chars: int = TRAIN_MAX_TEXT_CHARS,
-                     max_total_chars: int = TRAIN_MAX_TOTAL_CHARS) -> list[str]:
-    """The texts a tokenizer is trained on from a corpus path: its first `max_documents` non-blank
-    documents (None: all), each cut to its first `max_text_chars` characters (a huge text file is read
-    no further), until `max_total_chars` characters are collected. Raises `DataError` naming the
-    corpus when it holds no non-blank document."""
-    sample: list[str] = []
-    total = 0
-    for text in iter_documents(path, text_field, max_chars=max_text_chars):
-        if not text or text.isspace():
-            continue
-        sample.append(text[: max_total_chars - total])
-        total += len(sample[-1])
-        if total >= max_total_chars or (max_documents is not None and len(sample) >= max_documents):
-            break
-    if not sample:
-        raise DataError(f"{path}: empty corpus: no non-blank document to train a tokenizer on")
-    return sample
-
-
-def _fingerprint_path(path: Path) -> dict[str, Any]:
-    files = find_corpus_files(path)
-    entries = []
-    for file in files:
-        stat = file.stat()
-        name = file.name if path.is_file() else file.relative_to(path).as_posix()
-        if stat.st_size <= CONTENT_HASH_MAX_BYTES:
-            entries.append({"name": name, "size": stat.st_size, "sha256": _file_digest(file)})
-        else:
-            entries.append({"name": name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-    return {"kind": "path", "files": entries}
-
-
 class TokenizerManager:
     """Trains `BPETokenizer`s once and keeps them under `cache_dir/<key>/`, where the key is the sha256
     of the corpus fingerprint and every training setting.
 
-    The corpus is a list of texts (fingerprinted by their content) or a path to a corpus file or
-    directory, read like `minillm tokenizer train --data` reads it (`iter_documents`); files up to
-    `CONTENT_HASH_MAX_BYTES` are fingerprinted by content, larger ones by name, size and mtime. The
-    settings in the key: vocab_size, special tokens, min_frequency, the JSON text field (paths only),
-    the pre-tokenizer regex and built-in special tokens of `BPETokenizer` (so that changing them in
-    code retrains) and the `tokenizers` version. A tokenizer is trained into a temporary directory that
-    is renamed into place, so a crash never leaves a half-written cache entry.
+    The corpus is a list of texts, fingerprinted by their content, or any iterable of texts with a
+    `fingerprint` that stands for it (`minillm.data.corpus.corpus_fingerprint(path)` for a corpus file
+    or directory, whose texts are then only read on a cache miss). The settings in the key: vocab_size,
+    special tokens, min_frequency, the pre-tokenizer regex, the training sample limits and built-in
+    special tokens of `BPETokenizer` (so that changing them in code retrains) and the `tokenizers`
+    version. A tokenizer is trained into a temporary directory that is renamed into place, so a crash
+    never leaves a half-written cache entry.
     """
 
     def __init__(self, cache_dir: str | Path):
         self.cache_dir = Path(cache_dir)
 
-    def _key_material(self, corpus: str | Path | Iterable[str], vocab_size: int, special_tokens: list[str] | None,
-                      min_frequency: int, text_field: str) -> tuple[dict[str, Any], list[str] | None]:
+    def _key_material(self, corpus: Iterable[str], vocab_size: int, special_tokens: list[str] | None,
+                      min_frequency: int, fingerprint: dict[str, Any] | None
+                      ) -> tuple[dict[str, Any], Iterable[str]]:
         if isinstance(corpus, (str, Path)):
-            path = Path(corpus)
-            fingerprint = _fingerprint_path(path)
-            fingerprint["text_field"] = text_field
-            texts = None
-        else:
-            texts = list(corpus)
-            if not all(isinstance(t, str) for t in texts):
-                raise TypeError("the corpus must be a path or an iterable of strings")
-            fingerprint = _hash_texts(texts)
+            raise TypeError("the corpus must be an iterable of texts (wrap a single text in a list); for a corpus "
+                            "path pass iter_documents(path) with fingerprint=corpus_fingerprint(path) "
+                            "(minillm.data.corpus)")
+        if fingerprint is None:
+            corpus = list(corpus)
+            if not all(isinstance(t, str) for t in corpus):
+                raise TypeError("the corpus must be an iterable of strings")
+            fingerprint = _hash_texts(corpus)
         settings = {
             "vocab_size": vocab_size,
             "special_tokens": list(special_tokens or []),
@@ -129,27 +83,26 @@ class TokenizerManager:
             "tokenizers_version": tokenizers.__version__,
             "cache_format": CACHE_FORMAT_VERSION,
         }
-        return {"corpus": fingerprint, "settings": settings}, texts
+        return {"corpus": fingerprint, "settings": settings}, corpus
 
     @staticmethod
     def _digest(material: dict[str, Any]) -> str:
         canonical = json.dumps(material, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
-    def cache_key(self, corpus: str | Path | Iterable[str], vocab_size: int, *,
-                  special_tokens: list[str] | None = None, min_frequency: int = 2, text_field: str = "text") -> str:
-        """The cache key `get_or_train` would use (reads the corpus to fingerprint it)."""
-        material, _ = self._key_material(corpus, vocab_size, special_tokens, min_frequency, text_field)
+    def cache_key(self, corpus: Iterable[str], vocab_size: int, *, special_tokens: list[str] | None = None,
+                  min_frequency: int = 2, fingerprint: dict[str, Any] | None = None) -> str:
+        """The cache key `get_or_train` would use (reads the texts to fingerprint them unless `fingerprint`)."""
+        material, _ = self._key_material(corpus, vocab_size, special_tokens, min_frequency, fingerprint)
         return self._digest(material)
 
-    def get_or_train(self, corpus: str | Path | Iterable[str], vocab_size: int, *,
-                     special_tokens: list[str] | None = None, min_frequency: int = 2,
-                     text_field: str = "text", source: str = "") -> BPETokenizer:
-        """The tokenizer trained on `corpus` with these settings: loaded from the cache when it is there,
-        trained (and cached) otherwise. A `str` corpus is a path; wrap a single text in a list. A
-        corpus without a non-blank text raises `DataError`, naming the path (or `source`, a name for
-        a list of texts)."""
-        material, texts = self._key_material(corpus, vocab_size, special_tokens, min_frequency, text_field)
+    def get_or_train(self, corpus: Iterable[str], vocab_size: int, *, special_tokens: list[str] | None = None,
+                     min_frequency: int = 2, fingerprint: dict[str, Any] | None = None,
+                     source: str = "") -> BPETokenizer:
+        """The tokenizer trained on the texts `corpus` with these settings: loaded from the cache when it is
+        there, trained (and cached) otherwise. With `fingerprint`, `corpus` is read only on a miss. A
+        corpus without a non-blank text raises `DataError`, naming `source` (e.g. the corpus path)."""
+        material, texts = self._key_material(corpus, vocab_size, special_tokens, min_frequency, fingerprint)
         key = self._digest(material)
         final = self.cache_dir / key
         if (final / "tokenizer.json").is_file():
@@ -162,10 +115,7 @@ class TokenizerManager:
         try:
             tokenizer = BPETokenizer(vocab_size=vocab_size, special_tokens=special_tokens,
                                      min_frequency=min_frequency)
-            if texts is not None:
-                tokenizer.train(texts, source=source)
-            else:
-                tokenizer.train(iter_documents(corpus, text_field, max_chars=TRAIN_MAX_TEXT_CHARS), source=str(corpus))
+            tokenizer.train(texts, source=source)
             tokenizer.save_pretrained(tmp)
             atomic_write_json(tmp / INFO_FILE, {"key": key, **material})
             fsync_dir(tmp)

@@ -1,4 +1,7 @@
-"""Training: one `Trainer`, an objective per stage, checkpoints, schedules and logging."""
+"""Training: one `Trainer`, an objective per stage, checkpoints, schedules and logging.
+
+The RL trainers (`PPOTrainer`, `GRPOTrainer`) are in `minillm.rl`, which builds on this package; the RLHF
+pipeline is `minillm.recipes.RLHFPipeline`."""
 
 from minillm.training.memory import MemoryConfig, MemoryMonitor
 from minillm.training.objectives import (
@@ -10,27 +13,12 @@ from minillm.training.objectives import (
     PPOObjective,
     RewardObjective,
 )
-from minillm.training.trainer import (
-    DPOTrainer,
-    PreTrainer,
-    RewardTrainer,
-    SFTTrainer,
-    Trainer,
-    TrainingConfig,
-    resolve_precision,
-)
+from minillm.training.precision import resolve_precision
+from minillm.training.signals import TrainingInterrupted
+from minillm.training.stages import DPOTrainer, RewardTrainer
+from minillm.training.state import ResumeError
+from minillm.training.trainer import PreTrainer, SFTTrainer, Trainer, TrainingConfig
 
-__all__ = ["DPOObjective", "DPOTrainer", "GRPOObjective", "GRPOTrainer", "LanguageModelingObjective", "MemoryConfig",
-           "MemoryMonitor", "Objective", "ObjectiveOutput", "PPOObjective", "PPOTrainer", "PreTrainer", "RLHFPipeline",
-           "RewardObjective", "RewardTrainer", "SFTTrainer", "Trainer", "TrainingConfig", "resolve_precision"]
-
-_RL = {"PPOTrainer": "minillm.rl.ppo", "GRPOTrainer": "minillm.rl.grpo", "RLHFPipeline": "minillm.rl.pipeline"}
-
-
-def __getattr__(name: str):
-    """The RL trainers live in `minillm.rl` (which builds on this package); imported here on first use."""
-    if name in _RL:
-        import importlib
-
-        return getattr(importlib.import_module(_RL[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["DPOObjective", "DPOTrainer", "GRPOObjective", "LanguageModelingObjective", "MemoryConfig", "MemoryMonitor",
+           "Objective", "ObjectiveOutput", "PPOObjective", "PreTrainer", "ResumeError", "RewardObjective",
+           "RewardTrainer", "SFTTrainer", "Trainer", "TrainingConfig", "TrainingInterrupted", "resolve_precision"]

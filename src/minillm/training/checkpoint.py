@@ -17,12 +17,9 @@ from typing import Any
 
 from torch import nn
 
-from minillm.checkpoint_files import CONFIG_FILE, config_file, load_torch_file, read_json_object
+from minillm.checkpoint_files import OLD_SUFFIX, load_torch_file, read_json_object
 from minillm.errors import CheckpointError
-from minillm.io import atomic_write_json, fsync_dir
-
-OLD_SUFFIX = ".old"
-
+from minillm.io import atomic_write_json, fsync_dir, staged_directory
 
 STATE_DIR = "trainer_state"
 STEP_PREFIX = "step_"
@@ -36,11 +33,7 @@ def save_checkpoint(directory: str | Path, model: nn.Module, tokenizer: Any = No
     `write_state(dir)` adds the training state (`trainer_state/`) and `write_files(dir)` any other files
     (a LoRA adapter) inside the same atomic write. `weights=False` writes the model's config only."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    old = directory.with_name(directory.name + OLD_SUFFIX)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_directory(directory, overwrite=True, aside=directory.name + OLD_SUFFIX) as tmp:
         generation = {}
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -54,29 +47,7 @@ def save_checkpoint(directory: str | Path, model: nn.Module, tokenizer: Any = No
             (tmp / STATE_DIR).mkdir()
             write_state(tmp / STATE_DIR)
             fsync_dir(tmp / STATE_DIR)
-        fsync_dir(tmp)
-        if directory.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        fsync_dir(directory.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return directory
-
-
-def resolve_checkpoint(directory: str | Path) -> Path:
-    """The checkpoint to load for `directory`: itself, or its `.old` copy if a save was interrupted.
-    `CheckpointError` (the message `MiniGPT.from_pretrained` gives) when it is neither: no such directory,
-    a file, or a directory without config.json."""
-    directory = Path(directory)
-    if (directory / CONFIG_FILE).is_file():
-        return directory
-    old = directory.with_name(directory.name + OLD_SUFFIX)
-    if (old / CONFIG_FILE).is_file():
-        return old
-    return config_file(directory).parent  # raises, naming what is missing
 
 
 def rolling_checkpoints(out_dir: str | Path) -> list[Path]:

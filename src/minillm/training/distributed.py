@@ -40,9 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minillm.training.run_config import DISTRIBUTED_MODES
-
-MODES = DISTRIBUTED_MODES  # the run config's allowed values
+MODES = ("none", "ddp", "fsdp")  # the values of a run config's `distributed`
 PADDING_KEY = "padding_only"  # a batch a rank forwards only to keep in step with the others; not scored
 
 __all__ = ["MODES", "PADDING_KEY", "DistributedContext", "ShardedBatchLoader", "all_gather_object", "all_reduce_sum", "any_rank",

@@ -8,13 +8,12 @@ accumulation gives exactly the update of one large batch, and padding never dilu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minillm.model.transformer import causal_lm_loss
+from minillm.model.transformer import causal_lm_loss, token_logps
 
 
 @dataclass
@@ -23,17 +22,23 @@ class ObjectiveOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # per-batch sums, averaged the same way
 
 
-class Objective(Protocol):
-    name: str
+class Objective:
+    """What a stage optimises. A subclass sets `name`, implements `count` and `__call__`, and overrides
+    the class attributes below where its stage differs from the default."""
+
+    name: str = ""
+    reports_perplexity = False  # the loss is a mean token cross-entropy: validation adds exp(loss), `val_ppl`
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         """How many items (tokens, pairs, …) the batch's loss is a sum over."""
+        raise NotImplementedError
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         """Forward the batch and return the summed loss."""
+        raise NotImplementedError
 
 
-class LanguageModelingObjective:
+class LanguageModelingObjective(Objective):
     """Next-token cross-entropy over the positions whose label is not -100 (pretraining and SFT).
 
     For mixture-of-experts models the load-balancing loss is added with the config's
@@ -41,6 +46,7 @@ class LanguageModelingObjective:
     """
 
     name = "lm"
+    reports_perplexity = True
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != -100).sum())
@@ -72,20 +78,6 @@ def stack_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
         return torch.cat([F.pad(t, (0, width - t.shape[1]), value=fill) for t in halves])
 
     return both("input_ids", 0), both("labels", -100), both("attention_mask", 0)
-
-
-def token_logps(logits: torch.Tensor, labels: torch.Tensor,
-                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per token, the log-probability of the labelled tokens, (B, T − 1) in fp32, and the mask of the
-    labelled positions: position t's logits score labels[t + 1]; -100 labels score 0 and are masked.
-    With `temperature`, of the distribution softmax(logits / temperature) that RL sampled from."""
-    labels = labels[:, 1:]
-    mask = labels != -100
-    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, fp64 kept
-    if temperature != 1.0:
-        logits = logits / temperature
-    logps = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return logps * mask, mask
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
@@ -121,7 +113,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return losses, chosen_rewards, rejected_rewards
 
 
-class DPOObjective:
+class DPOObjective(Objective):
     """Direct preference optimisation on pairs from `PreferenceDataset` (keys `chosen_input_ids`,
     `chosen_labels`, `rejected_…`): the loss is summed over pairs, and the metrics carry the names TRL
     users know (`rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins`,
@@ -210,7 +202,7 @@ def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tens
     return losses
 
 
-class RewardObjective:
+class RewardObjective(Objective):
     """Train a `MiniGPTRewardModel` on preference pairs: chosen and rejected go through one forward, each
     scored at its last real token. A batch may carry a per-pair `margin`. Metrics: `accuracy` (the
     chosen reply scores higher) and `margin` (mean r_w − r_l), plus the mean rewards."""
@@ -342,7 +334,7 @@ def _clipped_surrogate(model: nn.Module, batch: dict[str, torch.Tensor], tempera
     return out, logps, m, pg, log_ratio, metrics
 
 
-class PPOObjective:
+class PPOObjective(Objective):
     """PPO's loss on a rollout minibatch: the clipped policy surrogate plus `vf_coef` × the clipped
     value loss, per reply token. The model is a `minillm.model.heads.MiniGPTWithValueHead`: one forward
     gives the logits and, from the same hidden states, the values. Metrics (token means):
@@ -364,6 +356,7 @@ class PPOObjective:
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         out, _, m, pg, log_ratio, metrics = _clipped_surrogate(model, batch, self.temperature, self.clip_range)
+        # DDP (torch) wraps the model and keeps it in `.module`; the value head is the model's own
         values = getattr(model, "module", model).value(out.hidden_states)[:, :-1]
         vf, vf_clipped = clipped_value_loss(values, batch["old_values"], batch["returns"], self.clip_range_value)
         metrics |= {"value_loss": (vf.detach() * m).sum(), "value_clipfrac": (vf_clipped.float() * m).sum(),
@@ -371,7 +364,7 @@ class PPOObjective:
         return ObjectiveOutput(loss_sum=((pg + self.vf_coef * vf) * m).sum(), metrics=metrics)
 
 
-class GRPOObjective:
+class GRPOObjective(Objective):
     """GRPO's loss (Shao et al. 2024) on a rollout minibatch: the clipped surrogate with the group-
     normalised advantage of each reply on all its tokens, plus β × the k3 estimate of KL to the
     reference (`ref_logps` in the batch; none when β = 0), summed per reply token — so the trainer's

@@ -1,9 +1,14 @@
-"""The one training loop. Every stage is this `Trainer` with another objective (see objectives.py).
+"""The one training loop. Every stage is this `Trainer` with another objective (see objectives.py and
+stages.py).
 
 A step: take `grad_accum_steps` micro-batches, sum each one's loss, divide by the item count of the
 whole step (so accumulation equals one large batch), backpropagate, clip, step AdamW and the
 warmup-cosine schedule. Validation runs every `eval_every` steps; the best model by validation loss is
 kept in `best/`, the last in `final/`.
+
+Beside it: precision.py (what `precision` and `compile` mean, `auto` included), state.py (the
+checkpoint's training state, for an exact resume), offload.py (optimizer state on the host) and
+signals.py (SIGINT/SIGTERM: save, then stop).
 """
 
 from __future__ import annotations
@@ -12,63 +17,52 @@ import copy
 import logging
 import math
 import os
-import random
 import signal
-import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, fields, replace
-from functools import lru_cache
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
-from minillm.checkpoint_files import read_json_object
 from minillm.data.formats import DataError
 from minillm.data.loader import BatchLoader, pad_collate
 from minillm.data.pretrain import LanguageModelingDataset, PretrainDataLoader
-from minillm.errors import CheckpointError, MiniLLMError
-from minillm.io import atomic_write_json
-from minillm.model.lora import ADAPTER_WEIGHTS_FILE, load_lora_state_dict, merge_lora, save_lora
-from minillm.model.transformer import WEIGHTS_FILE, eval_mode
+from minillm.device import resolve_device
+from minillm.model.lora import merge_lora, save_lora
+from minillm.model.transformer import eval_mode
 from minillm.training import distributed as dist_utils
-from minillm.training.autotune import (
-    DTYPES,
-    ProbeRun,
-    adamw_fused_ok,
-    choose_compile,
-    choose_precision,
-    cpu_has_native_bf16,
-    probe_run,
-)
-from minillm.training.checkpoint import (
-    STATE_DIR,
-    STEP_PREFIX,
-    clean_leftovers,
-    load_state_file,
-    prune_checkpoints,
-    save_checkpoint,
-)
+from minillm.training.autotune import adamw_fused_ok, probe_run
+from minillm.training.checkpoint import STEP_PREFIX, clean_leftovers, prune_checkpoints, save_checkpoint
 from minillm.training.logging import MetricsLogger
 from minillm.training.memory import MemoryConfig, MemoryMonitor
-from minillm.training.mfu import mfu_estimator, time_matmul
-from minillm.training.objectives import DPOObjective, LanguageModelingObjective, Objective, RewardObjective
+from minillm.training.mfu import mfu_estimator
+from minillm.training.objectives import LanguageModelingObjective, Objective
+from minillm.training.offload import OptimizerOffload, offload_useful
 from minillm.training.optim import OPTIMIZERS, build_optimizer, parameter_groups
 from minillm.training.plots import plot_run
-from minillm.training.run_config import PRECISIONS
+from minillm.training.precision import (
+    PRECISIONS,
+    autocast,
+    choose_autocast_dtype,
+    choose_compiled,
+    cpu_bf16_is_fast,
+    resolve_precision,
+)
 from minillm.training.schedule import SCHEDULES, make_schedule
+from minillm.training.signals import StopSignal, TrainingInterrupted
+from minillm.training.state import ResumeError, load_training_state, rng_state, write_training_state
 
-__all__ = ["DPOTrainer", "LanguageModelingDataset", "PreTrainer", "RewardTrainer", "SFTTrainer", "Trainer", "TrainingConfig",
-           "TrainingInterrupted", "resolve_precision"]
+# The names the original API imported from here stay importable from here.
+__all__ = ["LanguageModelingDataset", "PreTrainer", "ResumeError", "SFTTrainer", "Trainer", "TrainingConfig",
+           "TrainingInterrupted", "cpu_bf16_is_fast", "resolve_precision"]
 
 logger = logging.getLogger("minillm.training")
-
 
 
 @dataclass
@@ -150,43 +144,6 @@ class TrainingConfig:
         return {f.name for f in fields(cls)}
 
 
-# ---------------------------------------------------------------------------------------- precision
-@lru_cache(maxsize=1)
-def cpu_bf16_is_fast() -> bool:
-    """Whether bf16 matrix products beat fp32 on this CPU (the rule where no model is measured).
-
-    CPUs without bf16 instructions (AVX512-BF16, AMX) emulate it and run ~100× slower than fp32, so the
-    flags are checked first; where they are present, a short timing confirms the speed-up.
-    """
-    if not cpu_has_native_bf16():
-        return False
-    cpu = torch.device("cpu")
-    return time_matmul(cpu, torch.bfloat16, 384) * 1.5 < time_matmul(cpu, torch.float32, 384)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device` (None: plain fp32).
-
-    `auto` without a model to measure (a dry run's memory estimate, a short run): bf16 on GPUs that support
-    it, fp16 (with a gradient scaler) on older GPUs, and on CPUs bf16 only where it is native and its
-    matrix products are faster, otherwise fp32. The `Trainer` measures `auto` on its model instead
-    (`minillm.training.autotune.choose_precision`).
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not supported; allowed: {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_bf16_is_fast() else None
-    return None
-
-
 # ---------------------------------------------------------------------------------------- trainer
 class Trainer:
     """Optimise `objective` on `model` over `train_data`; see the module docstring for one step."""
@@ -212,21 +169,31 @@ class Trainer:
             config = replace(config, batch_size=memory.micro_batch_size or config.batch_size,
                              grad_accum_steps=memory.grad_accum_steps or config.grad_accum_steps,
                              optimizer_offload=memory.optimizer_offload or config.optimizer_offload)
+            # ours and transformers' models can; a model that cannot trains without it, as before
             if memory.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
                 model.gradient_checkpointing_enable()
         self.config = config
         self.dist = dist_utils.init_distributed(config.distributed, device)
-        self.device = self.dist.device if self.dist.enabled else torch.device(
-            device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = self.dist.device if self.dist.enabled else resolve_device(device)
         # with distributed="none" this process trains alone, even inside someone else's process group
         self.world_size = dist_utils.world_size() if self.dist.enabled else 1
         self.is_main = dist_utils.is_main() if self.dist.enabled else True
         self._check_combination(model)
         torch.manual_seed(config.seed)
         model = model.to(self.device)
+        # `auto` times a few steps of this model on the run's batch shape (see precision.py, autotune.py)
         self.autotune: dict[str, dict[str, Any]] = {}  # what `auto` chose and the timings behind it
-        self.autocast_dtype = self._choose_precision(model, train_data)
-        if self._choose_compile(model, train_data):
+        run = probe_run(train_data, config.batch_size, config.grad_accum_steps, config.max_steps,
+                        config.epochs) if "auto" in (config.precision, config.compile) else None
+        self.autocast_dtype, decision = choose_autocast_dtype(config.precision, model, self.device, run,
+                                                              distributed=self.world_size > 1)
+        if decision is not None:
+            self.autotune["precision"] = decision
+        compiled, decision = choose_compiled(config.compile, model, self.device, run, self.autocast_dtype,
+                                             distributed=self.world_size > 1)
+        if decision is not None:
+            self.autotune["compile"] = decision
+        if compiled:
             model.compile()  # in place: parameter names (and so checkpoints) stay those of the model
         self.base_model = model  # the model itself, for its config, saving and generation
         self.model = dist_utils.wrap_model(model, config.distributed, self.dist)  # what the objective calls
@@ -240,7 +207,7 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self._param_names: list[str] = []
-        self._offload: _OptimizerOffload | None = None
+        self._offload: OptimizerOffload | None = None
         self.step = 0
         self.tokens_seen = 0
         self.best_val_loss = math.inf
@@ -250,7 +217,7 @@ class Trainer:
     def _check_combination(self, model: nn.Module) -> None:
         cfg = self.config
         if cfg.distributed == "fsdp":
-            if getattr(model, "lora_config", None) is not None:
+            if getattr(model, "lora_config", None) is not None:  # set by apply_lora
                 raise ValueError("LoRA with distributed=fsdp is not supported: the adapters are small enough "
                                  "to replicate, use distributed=ddp")
             if cfg.precision == "fp16":
@@ -261,51 +228,27 @@ class Trainer:
                                  "shards the optimizer state; use one or the other")
 
     # ------------------------------------------------------------------ set-up
-    def _probe_run(self, train_data: Dataset | Iterable | None) -> ProbeRun | None:
-        cfg = self.config
-        return probe_run(train_data, cfg.batch_size, cfg.grad_accum_steps, cfg.max_steps, cfg.epochs)
-
-    def _choose_precision(self, model: nn.Module, train_data: Dataset | Iterable | None) -> torch.dtype | None:
-        """The autocast dtype; `precision: auto` is measured on `model` (see autotune.py)."""
-        if self.config.precision != "auto":
-            return resolve_precision(self.config.precision, self.device)
-        decision = choose_precision(model, self.device, self._probe_run(train_data),
-                                    distributed=self.world_size > 1)
-        if decision.choice is None:  # not measured: the rule
-            dtype = resolve_precision("auto", self.device)
-            decision.choice = next(name for name, d in DTYPES.items() if d == dtype)
-        self.autotune["precision"] = decision.as_dict()
-        return DTYPES[decision.choice]
-
-    def _choose_compile(self, model: nn.Module, train_data: Dataset | Iterable | None) -> bool:
-        """Whether to torch.compile `model`; `compile: auto` is measured on it (see autotune.py)."""
-        if self.config.compile != "auto":
-            return bool(self.config.compile)
-        decision = choose_compile(model, self.device, self._probe_run(train_data), self.autocast_dtype,
-                                  distributed=self.world_size > 1)
-        self.autotune["compile"] = decision.as_dict()
-        return decision.choice == "compiled"
-
     def _as_loader(self, data: Dataset | Iterable | None, shuffle: bool) -> Iterable | None:
         """A `BatchLoader` over a dataset: stacked when its items have one length (packed windows),
         padded and length-grouped when it reports per-item `lengths` (conversations, pairs). Under
         torchrun each rank gets its share of every global batch (`batch_size` × ranks items)."""
         if data is None or not isinstance(data, Dataset):
             loader = data  # already batched (a DataLoader, BatchLoader or any iterable of batches)
-        elif getattr(data, "lengths", None) is None:
+        elif getattr(data, "lengths", None) is None:  # the dataset contract: variable-length items say so
             loader = PretrainDataLoader(data, self.config.batch_size, shuffle=shuffle, seed=self.config.seed)
         else:
-            pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
-            loader = BatchLoader(data, self.config.batch_size, pad_collate(pad_id), shuffle=shuffle,
+            loader = BatchLoader(data, self.config.batch_size, pad_collate(self._pad_id()), shuffle=shuffle,
                                  seed=self.config.seed, lengths=data.lengths)
         if loader is not None and self.world_size > 1:
             loader = dist_utils.shard_loader(loader, self.dist)
         return loader
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+    def _pad_id(self) -> int:
+        """The padding id of variable-length batches; without a tokenizer (training on ids) 0."""
+        return getattr(self.tokenizer, "pad_token_id", None) or 0
+
+    def _autocast(self) -> AbstractContextManager:
+        return autocast(self.device, self.autocast_dtype)
 
     def _setup_optimizer(self, total_steps: int) -> None:
         """The optimizer (see optim.py: AdamW, or Muon on the hidden matrices plus AdamW on the rest; no
@@ -318,8 +261,8 @@ class Trainer:
         params = [[p for _, p in named] for _, named in groups]
         # on one CPU process too: torch's fused kernel is several times faster than its for-each loop there
         fused = self.device.type == "cuda" or (adamw_fused_ok(self.device) and self.world_size == 1)
-        if cfg.optimizer_offload and _offload_useful(self.device):
-            self._offload = _OptimizerOffload(params)
+        if cfg.optimizer_offload and offload_useful(self.device):
+            self._offload = OptimizerOffload(params)
             params, fused = self._offload.master_groups, False
         elif cfg.optimizer_offload:
             logger.info("optimizer_offload has nothing to do when training on the CPU; ignored")
@@ -374,7 +317,8 @@ class Trainer:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the same on every rank
+        # FSDP: torch returns a DTensor (it has `full_tensor`), the same on every rank
+        if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -425,7 +369,7 @@ class Trainer:
         batches = self._batches()
         start, window_start, window_tokens, bar_step = time.time(), time.time(), self.tokens_seen, self.step
         result: dict[str, float] = {}
-        stop_signal = _StopSignal()
+        stop_signal = StopSignal()
         try:
             while self.step < total:
                 stop = stop_signal.received is not None
@@ -489,28 +433,24 @@ class Trainer:
         return result
 
     def train_epoch(self, dataloader: Iterable | None = None) -> float:
-        """One pass over `dataloader` (default: the training data); returns its token-weighted mean loss."""
+        """One pass over `dataloader` (default: the training data) with `train`'s optimizer step, but no
+        logging, validation or saving; returns its mean loss per item (token). A last group shorter than
+        `grad_accum_steps` is a step of its own."""
         loader = self._as_loader(dataloader, shuffle=True) if dataloader is not None else self.train_loader
         if loader is None:
             raise ValueError("no training data given")
         accum = self.config.grad_accum_steps
         if self.optimizer is None:
             self._setup_optimizer(self.config.max_steps or max(1, math.ceil(len(loader) / accum)))
-        losses, weights, pending = [], [], []
-        for batch in loader:
-            pending.append(self._to_device(batch))
-            if len(pending) == accum:
-                weight = sum(self.objective.count(b) for b in pending if not b.get(dist_utils.PADDING_KEY))
-                losses.append(float(self._optimizer_step(pending)["loss"]))
-                weights.append(weight)
-                pending = []
-        if pending:
-            weight = sum(self.objective.count(b) for b in pending if not b.get(dist_utils.PADDING_KEY))
-            losses.append(float(self._optimizer_step(pending)["loss"]))
-            weights.append(weight)
-        if not losses:
+        loss_sum, items, steps = 0.0, 0, 0
+        batches = iter(loader)
+        while micro_batches := [self._to_device(b) for b in islice(batches, accum)]:
+            step_items = sum(self.objective.count(b) for b in micro_batches if not b.get(dist_utils.PADDING_KEY))
+            loss_sum += float(self._optimizer_step(micro_batches)["loss"]) * step_items
+            items, steps = items + step_items, steps + 1
+        if steps == 0:
             raise ValueError("the dataloader yields no batch")
-        return sum(loss * w for loss, w in zip(losses, weights)) / max(sum(weights), 1)
+        return loss_sum / max(items, 1)
 
     @torch.no_grad()
     def evaluate(self, dataloader: Iterable | None = None, max_batches: int | None = None) -> dict[str, float]:
@@ -538,7 +478,7 @@ class Trainer:
         if items == 0:
             raise ValueError("the validation data holds no item to score")
         loss = loss_sum / items
-        if getattr(self.objective, "name", None) != "lm":  # perplexity means something for token losses only
+        if not self.objective.reports_perplexity:
             return {"val_loss": loss}
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
@@ -559,17 +499,9 @@ class Trainer:
         metrics_log.write(message)
         return result
 
-    def _selection_score(self, result: dict[str, float]) -> float:
-        """What `best/` and early stopping minimise: the validation loss (RL: minus the mean reward)."""
-        return result["val_loss"]
-
     def _learning_rates(self) -> dict[str, float]:
         """The current rates: `lr` (AdamW's groups) and, with Muon, `muon_lr` (the hidden matrices')."""
         return {("muon_lr" if group.get("use_muon") else "lr"): group["lr"] for group in self.optimizer.param_groups}
-
-    def _extra_log(self) -> dict[str, float]:
-        """Values a stage adds to each training log record (RL: the latest rollout's statistics)."""
-        return {}
 
     def _should_stop_early(self) -> bool:
         patience = self.config.early_stopping_patience
@@ -589,11 +521,11 @@ class Trainer:
         optimizer_state = rank_rng = None
         if with_state:
             optimizer_state = dist_utils.full_optimizer_state(self.model, self.optimizer, self._param_names)
-            rank_rng = dist_utils.all_gather_object(_rng_state()) if distributed else None
+            rank_rng = dist_utils.all_gather_object(rng_state()) if distributed else None
         directory = Path(directory)
         if plain is not None:
             model, write_files, weights = plain, None, True
-            if getattr(plain, "lora_config", None) is not None:
+            if getattr(plain, "lora_config", None) is not None:  # set by apply_lora
                 def write_files(d: Path) -> None:
                     save_lora(plain, d)
                 if full_weights:
@@ -603,7 +535,7 @@ class Trainer:
             write_state = None
             if with_state:
                 def write_state(d: Path) -> None:
-                    self._write_state(d, optimizer_state, rank_rng)
+                    write_training_state(self, d, optimizer_state, rank_rng)
             save_checkpoint(directory, model, self.tokenizer,
                             extra_files={"training_config.json": asdict(self.config)},
                             write_state=write_state, write_files=write_files, weights=weights)
@@ -619,166 +551,30 @@ class Trainer:
                               "continue with --resume")
         raise TrainingInterrupted(signum, self.step)
 
-    # ------------------------------------------------------------------ exact resume
-    def _write_state(self, directory: Path, optimizer_state: dict[str, Any],
-                     rank_rng: list[dict[str, Any]] | None) -> None:
-        """`optimizer_state` is the unsharded one (`full_optimizer_state`); `rank_rng` every rank's RNG
-        states under torchrun (rank 0's are also stored at the top level)."""
-        torch.save(optimizer_state, directory / "optimizer.pt")
-        if hasattr(self.train_loader, "tensor_state"):  # data held as tensors (an RL rollout buffer)
-            torch.save(self.train_loader.tensor_state(), directory / "loader.pt")
-        tensors = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                   "torch_rng": torch.get_rng_state(),
-                   "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        if rank_rng is not None:
-            tensors["rank_torch_rng"] = [r["torch"] for r in rank_rng]
-            tensors["rank_cuda_rng"] = [r["cuda"] for r in rank_rng]
-        torch.save(tensors, directory / "state.pt")
-        mine = _rng_state()
-        lora = getattr(self.base_model, "lora_config", None)
-        atomic_write_json(directory / "state.json", {
-            "step": self.step, "tokens_seen": self.tokens_seen,
-            "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
-            "evals_without_improvement": self.evals_without_improvement,
-            "world_size": self.world_size,
-            "loader": self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None,
-            "training_config": asdict(self.config),
-            "model_config": self.base_model.config.to_dict() if hasattr(self.base_model, "config") else None,
-            "lora_config": asdict(lora) if lora is not None else None,
-            "data": self._data_signature(),
-            "python_rng": mine["python"], "numpy_rng": mine["numpy"],
-            "rank_rng": [{"python": r["python"], "numpy": r["numpy"]} for r in rank_rng] if rank_rng else None,
-        })
-
-    def _data_signature(self) -> dict[str, int] | None:
-        dataset = getattr(self.train_loader, "dataset", None)
-        if dataset is None:
-            return None
-        signature = {"items": len(dataset)}
-        if hasattr(dataset, "num_tokens"):
-            signature["tokens"] = int(dataset.num_tokens())
-        return signature
-
     def resume(self, directory: str | os.PathLike) -> None:
         """Continue from a checkpoint saved with training state: weights, optimizer, schedule, gradient
         scaler, step, every RNG and the data position, so the run goes on exactly as if never stopped.
 
         Changes that would make it a different run (the model's shape, the data, the batch size, the
         seed) are refused; harmless ones (more steps, another log or eval interval) are allowed."""
-        directory = Path(directory)
-        state_dir = directory / STATE_DIR
-        if not (state_dir / "state.json").is_file():
-            raise FileNotFoundError(f"{directory}: no {STATE_DIR}/ to resume from (was it saved by a run?)")
-        state = read_json_object(state_dir / "state.json")
-        try:
-            self._load_state(directory, state)
-        except (KeyError, IndexError, TypeError) as e:  # a state file of another shape or a damaged one
-            raise CheckpointError(f"{state_dir}: training state is incomplete or malformed "
-                                  f"({type(e).__name__}: {e})") from e
+        load_training_state(self, Path(directory))
         logger.info("resumed from %s at step %d", directory, self.step)
 
-    def _load_state(self, directory: Path, state: dict[str, Any]) -> None:
-        state_dir = directory / STATE_DIR
-        self._check_resumable(state, directory)
-        if getattr(self.base_model, "lora_config", None) is not None:
-            adapter = directory / ADAPTER_WEIGHTS_FILE
-            if not adapter.is_file():
-                raise ResumeError(f"cannot resume a LoRA run from {directory}: no {ADAPTER_WEIGHTS_FILE}")
-            load_lora_state_dict(self.base_model, load_file(str(adapter), device=str(self.device)))
-        elif dist_utils.is_fsdp(self.model):
-            dist_utils.load_full_state_dict(self.model, load_file(str(directory / WEIGHTS_FILE)))
-        else:
-            self.base_model.load_weights(directory)
-        self._setup_optimizer(self.total_steps())
-        optimizer_state = load_state_file(state_dir / "optimizer.pt")
-        dist_utils.load_full_optimizer_state(self.model, self.optimizer, optimizer_state, self._param_names)
-        tensors = load_state_file(state_dir / "state.pt")
-        self.scheduler.load_state_dict(tensors["scheduler"])
-        self.scaler.load_state_dict(tensors["scaler"])
-        rank = self.dist.rank if self.world_size > 1 else 0
-        if rank == 0:
-            rng = {"torch": tensors["torch_rng"], "cuda": tensors["cuda_rng"],
-                   "python": state["python_rng"], "numpy": state["numpy_rng"]}
-        else:
-            rng = {"torch": tensors["rank_torch_rng"][rank], "cuda": tensors["rank_cuda_rng"][rank],
-                   **state["rank_rng"][rank]}
-        _set_rng_state(rng)
-        if state["loader"] is not None and hasattr(self.train_loader, "load_state_dict"):
-            self.train_loader.load_state_dict(state["loader"])
-        if hasattr(self.train_loader, "load_tensor_state") and (state_dir / "loader.pt").is_file():
-            self.train_loader.load_tensor_state(load_state_file(state_dir / "loader.pt"))
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.best_val_loss = math.inf if state["best_val_loss"] is None else state["best_val_loss"]
-        self.evals_without_improvement = state.get("evals_without_improvement", 0)
+    # ------------------------------------------------------------------ what a stage overrides
+    def _extra_log(self) -> dict[str, float]:
+        """Values a stage adds to each training log record (RL: the latest rollout's statistics)."""
+        return {}
 
-    def _check_resumable(self, state: dict[str, Any], directory: Path) -> None:
-        saved_world = state.get("world_size", 1)
-        if saved_world != self.world_size:
-            raise ResumeError(f"cannot resume from {directory}: it was trained by {saved_world} process(es), "
-                              f"this run has {self.world_size} (the global batch would change); "
-                              f"relaunch with torchrun --nproc_per_node={saved_world}")
-        lora = getattr(self.base_model, "lora_config", None)
-        now_lora = asdict(lora) if lora is not None else None
-        if state.get("lora_config") is not None:
-            state["lora_config"]["target_modules"] = tuple(state["lora_config"]["target_modules"])
-        if state.get("lora_config") != now_lora:
-            raise ResumeError(f"cannot resume from {directory}: the LoRA settings changed "
-                              f"(saved {state.get('lora_config')}, now {now_lora})")
-        saved_model = state.get("model_config")
-        if saved_model is not None and hasattr(self.base_model, "config"):
-            now = self.base_model.config.to_dict()
-            changed = sorted(k for k in set(now) | set(saved_model)
-                             if k not in _HARMLESS_MODEL_FIELDS and now.get(k) != saved_model.get(k))
-            if changed:
-                raise ResumeError(f"cannot resume from {directory}: the model changed ({', '.join(changed)})")
-        if state.get("data") is not None and state["data"] != self._data_signature():
-            raise ResumeError(f"cannot resume from {directory}: the training data changed "
-                             f"(saved {state['data']}, now {self._data_signature()})")
-        saved = state["training_config"]
-        defaults = TrainingConfig()  # a checkpoint older than a field ran with its default
-        saved = {k: saved.get(k, getattr(defaults, k)) for k in _RUN_DEFINING_FIELDS}
-        changed = [k for k in _RUN_DEFINING_FIELDS if saved[k] != getattr(self.config, k)]
-        if changed:
-            raise ResumeError(f"cannot resume from {directory}: {', '.join(changed)} changed "
-                             f"({', '.join(f'{k}: {saved.get(k)} -> {getattr(self.config, k)}' for k in changed)})")
+    def _selection_score(self, result: dict[str, float]) -> float:
+        """What `best/` and early stopping minimise: the validation loss (RL: minus the mean reward)."""
+        return result["val_loss"]
 
+    def _loader_tensors(self) -> dict[str, torch.Tensor] | None:
+        """Training data held as tensors, saved with the training state (RL: the rollout buffer)."""
+        return None
 
-# Resuming with another batch size or seed would see other batches: a different run, so it is refused.
-_RUN_DEFINING_FIELDS = ("batch_size", "grad_accum_steps", "seed", "optimizer")
-_HARMLESS_MODEL_FIELDS = ("gradient_checkpointing", "extra")
-
-
-class ResumeError(MiniLLMError, ValueError):
-    """A checkpoint that cannot continue this run; the message says what changed."""
-
-
-class TrainingInterrupted(Exception):
-    """SIGINT or SIGTERM stopped training; a checkpoint with training state was saved first."""
-
-    def __init__(self, signum: int, step: int) -> None:
-        super().__init__(f"{signal.Signals(signum).name} at step {step}")
-        self.signum, self.step = signum, step
-
-
-class _StopSignal:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps, so a step is never cut in half;
-    a second SIGINT stops at once."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+    def _load_loader_tensors(self, tensors: dict[str, torch.Tensor] | None) -> None:
+        """Restore what `_loader_tensors` saved."""
 
 
 def _batch_tokens(batch: dict[str, Any]) -> int:
@@ -786,66 +582,7 @@ def _batch_tokens(batch: dict[str, Any]) -> int:
     return sum(int(v.numel()) for k, v in batch.items() if k.endswith("input_ids") and torch.is_tensor(v))
 
 
-def _rng_state() -> dict[str, Any]:
-    """This process's RNG states: torch (CPU and CUDA) as tensors, Python's and NumPy's as JSON lists."""
-    numpy_rng = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": _jsonable(random.getstate()),
-            "numpy": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]]}
-
-
-def _set_rng_state(rng: dict[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    random.setstate(_tupled(rng["python"]))
-    name, keys, *rest = rng["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-
-
-def _offload_useful(device: torch.device) -> bool:
-    """Whether moving the optimizer state to the host saves anything (not when training on the host)."""
-    return device.type != "cpu"
-
-
-class _OptimizerOffload:
-    """fp32 master copies of the trainable parameters on the CPU (pinned where CUDA is present): AdamW
-    steps them there, so its two state tensors per parameter never take accelerator memory. Per step
-    the gradients go to the host and the updated weights come back."""
-
-    def __init__(self, groups: list[list[nn.Parameter]]) -> None:
-        self.params = [p for group in groups for p in group]
-        pin = torch.cuda.is_available()
-
-        def master(p: nn.Parameter) -> nn.Parameter:
-            t = p.detach().to("cpu", torch.float32, copy=True)
-            return nn.Parameter(t.pin_memory() if pin else t)
-
-        self.master_groups = [[master(p) for p in group] for group in groups]
-        self.masters = [m for group in self.master_groups for m in group]
-
-    def gradients_to_master(self) -> None:
-        for p, m in zip(self.params, self.masters):
-            m.grad = None if p.grad is None else p.grad.detach().to("cpu", torch.float32)
-            p.grad = None
-
-    @torch.no_grad()
-    def master_to_model(self) -> None:
-        for p, m in zip(self.params, self.masters):
-            p.copy_(m, non_blocking=True)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-
-def _jsonable(value: Any) -> Any:
-    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
-
-
-def _tupled(value: Any) -> Any:
-    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
-
-
+# ---------------------------------------------------------------------------------------- the LM stages
 class PreTrainer(Trainer):
     """`Trainer` with the next-token language-modelling objective."""
 
@@ -854,72 +591,6 @@ class PreTrainer(Trainer):
         super().__init__(model, tokenizer, LanguageModelingObjective(), config, **kwargs)
 
 
-class SFTTrainer(Trainer):
-    """`Trainer` with the language-modelling objective on conversations: the labels of a
-    `ConversationDataset` are -100 everywhere but the assistant replies, so only those are learned."""
-
-    def __init__(self, model: nn.Module, tokenizer: Any = None, config: TrainingConfig | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(model, tokenizer, LanguageModelingObjective(), config, **kwargs)
-
-
-class DPOTrainer(Trainer):
-    """`Trainer` with the DPO objective on a `PreferenceDataset` (see `DPOObjective`).
-
-    The reference is the policy as it starts: a frozen copy (`ref_model`, default a deep copy of
-    `model`), or, with `precompute_ref_logps=True`, its log-probabilities computed once over the
-    training and validation pairs before the first step, so no second model stays in memory.
-    """
-
-    def __init__(self, model: nn.Module, tokenizer: Any = None, config: TrainingConfig | None = None, *,
-                 ref_model: nn.Module | None = None, beta: float = 0.1, loss_type: str = "sigmoid",
-                 label_smoothing: float = 0.0, rpo_alpha: float = 0.0, precompute_ref_logps: bool = False,
-                 **kwargs: Any) -> None:
-        if precompute_ref_logps and ref_model is not None:
-            raise ValueError("give either ref_model or precompute_ref_logps=True, not both")
-        reference = None if precompute_ref_logps else (ref_model or copy.deepcopy(model))
-        super().__init__(model, tokenizer, DPOObjective(reference, beta, loss_type, label_smoothing, rpo_alpha),
-                         config, **kwargs)
-        if reference is not None:
-            reference.to(self.device)
-        if precompute_ref_logps:
-            for data in (self.train_loader.dataset if self.train_loader is not None else None, self.eval_data):
-                if data is not None:
-                    self._precompute_reference(data)
-
-    @torch.no_grad()
-    def _precompute_reference(self, dataset: Dataset) -> None:
-        """Store the starting policy's log-probabilities in every item of `dataset` (a PreferenceDataset)."""
-        items = getattr(dataset, "items", None)
-        if items is None:
-            raise TypeError("precompute_ref_logps needs a PreferenceDataset (its items get the reference "
-                            "log-probabilities)")
-        pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
-        collate = pad_collate(pad_id)
-        objective: DPOObjective = self.objective  # type: ignore[assignment]
-        with eval_mode(self.base_model):
-            for start in range(0, len(items), self.config.batch_size):
-                chunk = items[start:start + self.config.batch_size]
-                batch = self._to_device(collate([{k: v for k, v in item.items() if not k.startswith("ref_")}
-                                                 for item in chunk]))
-                with self._autocast():
-                    chosen, rejected = objective.logps(self.base_model, batch)
-                for item, c, r in zip(chunk, chosen.float().cpu(), rejected.float().cpu()):
-                    item["ref_chosen_logps"], item["ref_rejected_logps"] = c, r
-
-
-class RewardTrainer(Trainer):
-    """`Trainer` with the Bradley–Terry objective (`RewardObjective`) on a `PreferenceDataset`; the model is
-    a `minillm.model.heads.MiniGPTRewardModel`."""
-
-    def __init__(self, model: nn.Module, tokenizer: Any = None, config: TrainingConfig | None = None, *,
-                 margin: float = 0.0, center_coefficient: float = 0.0, **kwargs: Any) -> None:
-        if not hasattr(model, "rewards"):
-            raise TypeError("RewardTrainer needs a reward model (minillm.model.heads.MiniGPTRewardModel, e.g. "
-                            "MiniGPTRewardModel.from_base(sft_checkpoint))")
-        distributed = kwargs.get("distributed", config.distributed if config is not None else "none")
-        if distributed not in ("none", None):
-            raise ValueError("reward model training under torchrun (distributed=ddp|fsdp) is not supported yet: "
-                             "the reward head runs outside the wrapped forward; train it in one process")
-        super().__init__(model, tokenizer, RewardObjective(margin, center_coefficient), config, **kwargs)
-
+class SFTTrainer(PreTrainer):
+    """`PreTrainer` on conversations: the labels of a `ConversationDataset` are -100 everywhere but the
+    assistant replies, so only those are learned."""

@@ -27,6 +27,7 @@ import difflib
 import inspect
 import re
 import typing
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,12 +35,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from minillm.errors import MiniLLMError
+from minillm.training.distributed import MODES as DISTRIBUTED_MODES
+from minillm.training.precision import PRECISIONS
 
 STAGES = ("pretrain", "sft", "dpo", "reward", "ppo", "grpo")
 RL_STAGES = ("ppo", "grpo")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DISTRIBUTED_MODES = ("none", "ddp", "fsdp")
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
+# The shipped run configs travel inside the package (a wheel installed anywhere has them); the repository's
+# `configs/` is a link to this directory.
+CONFIG_DIR = Path(str(files("minillm").joinpath("configs")))
 # Top-level keys that are also `TrainingConfig` fields: set once, at the top.
 SHARED_TRAINING_KEYS = ("max_steps", "epochs", "eval_every", "save_every", "seed", "precision", "distributed")
 
@@ -93,7 +96,7 @@ def load_yaml(text: str) -> Any:
 
 
 def resolve_config_path(name: str | Path) -> Path:
-    """A config file path, or the name of a config shipped in `configs/` (e.g. `pretrain_tiny`)."""
+    """A config file path, or the name of a config shipped with the package (e.g. `pretrain_tiny`)."""
     path = Path(name)
     if path.is_file():
         return path
@@ -180,7 +183,8 @@ def _section_classes() -> dict[str, type]:
 def _stage_trainers() -> dict[str, Any]:
     from minillm.rl.grpo import GRPOTrainer
     from minillm.rl.ppo import PPOTrainer
-    from minillm.training.trainer import DPOTrainer, PreTrainer, RewardTrainer, SFTTrainer
+    from minillm.training.stages import DPOTrainer, RewardTrainer
+    from minillm.training.trainer import PreTrainer, SFTTrainer
 
     return {"pretrain": PreTrainer, "sft": SFTTrainer, "dpo": DPOTrainer, "reward": RewardTrainer,
             "ppo": PPOTrainer, "grpo": GRPOTrainer}
@@ -329,6 +333,9 @@ def _check_model(config: dict[str, Any]) -> list[_Problem]:
         preset = "tiny"
     if not isinstance(preset, str) or preset not in PRESETS:
         return [_bad(("model", "preset"), preset, f"unknown preset; the presets: {', '.join(PRESETS)}")]
+    if "gradient_checkpointing" in fields:  # a training switch, not part of the architecture
+        return [_Problem(("model", "gradient_checkpointing"), "'model.gradient_checkpointing' is a training switch: "
+                                                              "set memory.gradient_checkpointing instead")]
     if config["init_from"]:
         build = None  # the checkpoint's config is used; only the types are checked
         fields.pop("vocab_size", None)

@@ -20,8 +20,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from minillm.training.run import run_stage
-from minillm.training.run_config import RunConfigError, load_run_config, load_yaml, resolve_config_path
+from minillm.recipes.config import RunConfigError, load_run_config, load_yaml, resolve_config_path
+from minillm.recipes.run import run_stage
 
 logger = logging.getLogger("minillm.rl")
 

@@ -24,6 +24,7 @@ import torch
 import yaml
 from torch.utils.data import Dataset
 
+from minillm.checkpoint_files import resolve_checkpoint
 from minillm.data.builtin import (
     Identity,
     builtin_corpus,
@@ -31,40 +32,38 @@ from minillm.data.builtin import (
     builtin_rl_prompts,
     builtin_sft_conversations,
 )
+from minillm.data.corpus import sample_documents
 from minillm.data.formats import Conversation, PreferencePair, PromptRecord, load_records
 from minillm.data.preference import PreferenceDataset
 from minillm.data.pretrain import (
     TokenShards,
+    reusable_shards,
     split_train_val,
+    stamp_shards,
     tokenize_corpus,
     write_token_shards,
 )
 from minillm.data.sft import ConversationDataset
+from minillm.device import resolve_device
 from minillm.io import atomic_write_json, atomic_write_text, cache_root
 from minillm.model.config import MiniGPTConfig
 from minillm.model.heads import MiniGPTRewardModel, MiniGPTWithValueHead, is_reward_checkpoint
 from minillm.model.lora import LoRAConfig, apply_lora
 from minillm.model.transformer import MiniGPT, load_config
+from minillm.recipes.config import RL_STAGES, SHARED_TRAINING_KEYS, RunConfigError, objective_options
 from minillm.rl.grpo import GRPOTrainer
 from minillm.rl.ppo import PPOTrainer
 from minillm.rl.reward import RewardModelScorer, resolve_reward_function
 from minillm.rl.rollout import RolloutConfig, as_prompt_records
 from minillm.tokenizer import BPETokenizer
-from minillm.tokenizer.manager import TokenizerManager, sample_documents
+from minillm.tokenizer.manager import TokenizerManager
 from minillm.tokenizer.pretrained import TokenizerLoadError, load_tokenizer
 from minillm.training import distributed as dist_utils
-from minillm.training.checkpoint import STEP_PREFIX, latest_checkpoint, resolve_checkpoint
+from minillm.training.checkpoint import STEP_PREFIX, latest_checkpoint
 from minillm.training.memory import GB, MemoryConfig, MemoryEstimate, device_capacity, estimate_memory
-from minillm.training.run_config import RL_STAGES, SHARED_TRAINING_KEYS, RunConfigError, objective_options
-from minillm.training.trainer import (
-    DPOTrainer,
-    PreTrainer,
-    RewardTrainer,
-    SFTTrainer,
-    Trainer,
-    TrainingConfig,
-    resolve_precision,
-)
+from minillm.training.precision import resolve_precision
+from minillm.training.stages import DPOTrainer, RewardTrainer
+from minillm.training.trainer import PreTrainer, SFTTrainer, Trainer, TrainingConfig
 
 logger = logging.getLogger("minillm.training")
 
@@ -117,14 +116,11 @@ def build_token_data(config: dict[str, Any], tokenizer: BPETokenizer, out_dir: P
     if documents is not None:
         data = config["data"]
         stamp = {"builtin": [int(data["num_documents"]), config["seed"], data["lang"]]}
-        if (shard_dir / "meta.json").is_file():
-            shards = TokenShards(shard_dir)
-            if shards.fingerprint == tokenizer.fingerprint() and shards.meta.get("source_stamp") == stamp:
-                return shards
-        write_token_shards(documents, tokenizer, shard_dir, source="builtin")
-        meta = json.loads((shard_dir / "meta.json").read_text(encoding="utf-8"))
-        atomic_write_json(shard_dir / "meta.json", {**meta, "source_stamp": stamp})
-        return TokenShards(shard_dir)
+        shards = reusable_shards(shard_dir, tokenizer, stamp)
+        if shards is None:
+            write_token_shards(documents, tokenizer, shard_dir, source="builtin")
+            shards = stamp_shards(shard_dir, stamp)
+        return shards
     return tokenize_corpus(config["data"]["source"], tokenizer, shard_dir, config["data"]["text_field"])
 
 
@@ -176,7 +172,7 @@ def prepare_run(config: dict[str, Any]) -> PreparedRun:
         options.update({**objective_options(config["stage"]), **config["objective"]})
     if config["stage"] in RL_STAGES:
         trainer_class: type[Trainer] = PPOTrainer if config["stage"] == "ppo" else GRPOTrainer
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device("auto")
         functions, weights = reward_functions(config, tokenizer, device)
         try:
             trainer = trainer_class(model, tokenizer, training_config(config), prompts=train_set,
@@ -365,7 +361,7 @@ def check_run_fits(config: dict[str, Any], estimate: MemoryEstimate | None = Non
         raise RunConfigError(f"data.max_length={config['data']['max_length']} exceeds the model's "
                              f"max_position_embeddings={model_config.max_position_embeddings}")
     estimate = estimate or estimate_run_memory(config)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     capacity = device_capacity(device)
     if capacity is not None and estimate.total > capacity:
         raise RunConfigError(
@@ -380,13 +376,13 @@ def estimate_run_memory(config: dict[str, Any], device: str | None = None) -> Me
     """`minillm train --dry-run`: the memory one training step of this run needs, before allocating it."""
     model_config = run_model_config(config)
     training = training_config(config)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     dtype = resolve_precision(training.precision, device)
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     memory = MemoryConfig(**config["memory"])
     return estimate_memory(model_config, memory.micro_batch_size or training.batch_size,
                            int(config["data"]["max_length"]), precision=precision,
-                           gradient_checkpointing=model_config.gradient_checkpointing or memory.gradient_checkpointing,
+                           gradient_checkpointing=memory.gradient_checkpointing,
                            optimizer=training.optimizer)
 
 
