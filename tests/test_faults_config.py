@@ -116,7 +116,10 @@ FLAGS = [
     ("override-bad-yaml", ["training.lr=[1"], ["override 'training.lr=[1'", "invalid YAML"]),
     ("override-unknown-key", ["max_stepz=3"], ["unknown key 'max_stepz'", "did you mean 'max_steps'"]),
     ("config-missing", ["--config", "no_such_config"], ["config file no_such_config not found", "pretrain_tiny"]),
-    ("unknown-flag", ["--max_steps", "20"], ["unrecognized arguments: --max_steps", "did you mean --max-steps"]),
+    ("unknown-flag-dashed-twin", ["--dry_run"], ["unrecognized arguments: --dry_run", "did you mean --dry-run"]),
+    ("unknown-flag-top-key", ["--eval_every", "20"], ["unrecognized arguments: --eval_every", "did you mean eval_every=20"]),
+    ("unknown-flag-section-key", ["--warmup_steps", "10"], ["--warmup_steps", "did you mean training.warmup_steps=10"]),
+    ("unknown-flag-no-key", ["--frobnicate", "1"], ["unrecognized arguments: --frobnicate"]),
 ]
 
 
@@ -165,3 +168,14 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MINILLM_DEBUG", "1")
     with pytest.raises(RunConfigError):
         main(["train", "--config", str(config)])
+
+
+@pytest.mark.parametrize("alias, dest, value", [
+    ("--max_steps", "max_steps", 20), ("--learning_rate", "lr", 3e-4), ("--num_train_epochs", "epochs", 2.0),
+    ("--per_device_train_batch_size", "batch_size", 4), ("--output_dir", "out_dir", "runs/x"),
+])
+def test_transformers_style_flags_are_accepted_as_aliases(alias, dest, value):
+    from minillm.cli import _parser
+
+    args = _parser().parse_args(["train", alias, str(value)])
+    assert getattr(args, dest) == value

@@ -16,12 +16,13 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "minillm"
 
-FOUNDATION = {"errors", "io", "checkpoint_files", "device"}
+FOUNDATION = {"errors", "io", "checkpoint_files", "device", "extras"}
 BELOW = {  # each package, and the packages it may import (besides itself)
     "errors": set(),
     "io": {"errors"},
     "checkpoint_files": {"errors"},
     "device": {"errors"},
+    "extras": {"errors"},
     "model": FOUNDATION,
     "tokenizer": FOUNDATION,
     "data": FOUNDATION | {"tokenizer"},

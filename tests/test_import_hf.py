@@ -70,7 +70,7 @@ def test_hugging_face_models_load_with_the_same_logits(family, tied, serializati
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gpt2"])
-def test_an_imported_model_fine_tunes_and_saves_as_ours(family, tokenizer, tmp_path):
+def test_an_imported_model_fine_tunes_and_saves_in_its_family(family, tokenizer, tmp_path):
     hf_model(family, len(tokenizer)).save_pretrained(tmp_path / "hf")
     model = MiniGPT.from_pretrained(tmp_path / "hf")
     data = ConversationDataset(builtin_sft_conversations(16, seed=0), tokenizer, max_length=64)
@@ -81,7 +81,9 @@ def test_an_imported_model_fine_tunes_and_saves_as_ours(family, tokenizer, tmp_p
     assert trainer.evaluate(data)["val_loss"] < first
     model.save_pretrained(tmp_path / "ours")
     saved = json.loads((tmp_path / "ours" / "config.json").read_text())
-    assert saved["model_type"] == "minillm" and saved["qkv_bias"] is (family in ("llama", "qwen2", "gpt2"))
+    assert saved["model_type"] == family  # a checkpoint of ours stays in the family transformers loads
+    assert saved["minillm"]["qkv_bias"] is (family in ("llama", "qwen2", "gpt2"))
+    assert MiniGPT.from_pretrained(tmp_path / "ours").config == model.config
 
 
 def test_a_hugging_face_tokenizer_with_its_chat_template_loads(tmp_path):

@@ -220,6 +220,13 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--overwrite", action="store_true", default=None,
                        help="start a new run in an out_dir that holds another run's checkpoints, deleting them "
                        "(without it that is refused)")
+    # The transformers/TRL spellings are accepted as they are (`--max_steps 20`, `--learning_rate 3e-4`),
+    # hidden from --help: the same settings under the names those users type.
+    for alias, dest, kind in (("--max_steps", "max_steps", int), ("--learning_rate", "lr", float),
+                              ("--num_train_epochs", "epochs", float), ("--batch_size", "batch_size", int),
+                              ("--per_device_train_batch_size", "batch_size", int), ("--max_length", "max_length", int),
+                              ("--output_dir", "out_dir", str), ("--out_dir", "out_dir", str)):
+        train.add_argument(alias, dest=dest, type=kind, help=argparse.SUPPRESS)
 
 
 def _add_generate_and_chat(commands: argparse._SubParsersAction) -> None:
@@ -299,27 +306,38 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_export(commands: argparse._SubParsersAction) -> None:
-    """`export hf`, `export onnx`."""
+    """`export hf`, `export onnx`, `export gguf`."""
     export_commands = _group(commands, "export", "export a checkpoint for other tools", metavar="FORMAT")
-    export_hf = _command(export_commands, "hf", "a native Hugging Face model directory (Llama, Qwen2, Qwen3 or GPT-2, "
-                         "chosen by the config) that AutoModelForCausalLM loads", "export hf")
-    export_hf.add_argument("checkpoint", help="a model directory (e.g. runs/sft_tiny/final)")
-    export_hf.add_argument("--out", required=True, help="the directory to write")
+
+    def export_format(name: str, help_text: str, out_help: str, overwrite_help: str) -> argparse.ArgumentParser:
+        parser = _command(export_commands, name, help_text, f"export {name}")
+        parser.add_argument("checkpoint", help="a model directory (e.g. runs/sft_tiny/final)")
+        parser.add_argument("--out", required=True, help=out_help)
+        parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
+        return parser
+
+    export_hf = export_format("hf", "a native Hugging Face model directory (Llama, Qwen2, Qwen3 or GPT-2, chosen by "
+                              "the config) that AutoModelForCausalLM loads", "the directory to write",
+                              "replace --out if it is not empty (else refused)")
     export_hf.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                            help="weight dtype (auto: the checkpoint's)")
     export_hf.add_argument("--max-shard-size", default="2GB", help="larger weights are split into shards with an index")
-    export_hf.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty (else refused)")
 
-    export_onnx = _command(export_commands, "onnx", "an ONNX graph (input_ids, attention_mask -> logits; any batch "
-                           "and sequence length), checked against onnxruntime", "export onnx")
-    export_onnx.add_argument("checkpoint", help="a model directory (e.g. runs/sft_tiny/final)")
-    export_onnx.add_argument("--out", required=True, help="the directory to write (model.onnx and the tokenizer)")
+    export_onnx = export_format("onnx", "an ONNX graph (input_ids, attention_mask -> logits; any batch and sequence "
+                                "length), checked against onnxruntime",
+                                "the directory to write (model.onnx and the tokenizer)",
+                                "replace --out if it is not empty (else refused)")
     export_onnx.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
     export_onnx.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     export_onnx.add_argument("--kv-cache", action="store_true",
                              help="the graph also takes past_key_values.N.key|value and returns present.N.key|value, "
                                   "for decoding one token per call")
-    export_onnx.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty (else refused)")
+
+    export_gguf = export_format("gguf", "one GGUF file (Llama, Qwen2 or Qwen3, chosen by the config; the tokenizer "
+                                "and chat template inside) for llama.cpp and Ollama", "the .gguf file to write",
+                                "replace --out if it exists (else refused)")
+    export_gguf.add_argument("--dtype", default="f16", choices=("f32", "f16", "bf16", "q8_0"),
+                             help="weight type of the 2-D tensors (norms and biases stay f32; default: f16)")
 
 
 def _add_plot(commands: argparse._SubParsersAction) -> None:
@@ -690,7 +708,8 @@ def _export(args: argparse.Namespace) -> int:
     from minillm.export.hf import ExportError
 
     try:
-        return _export_onnx(args) if args.export_command == "onnx" else _export_hf(args)
+        handlers = {"onnx": _export_onnx, "gguf": _export_gguf}
+        return handlers.get(args.export_command, _export_hf)(args)
     except CheckpointError:  # already names the file of the checkpoint that is wrong
         raise
     except ExportError as e:  # named with the checkpoint it is about
@@ -707,6 +726,16 @@ def _export_hf(args: argparse.Namespace) -> int:
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     print(f"wrote {out}: {config['architectures'][0]} ({config['model_type']}, {config['dtype']}); load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+def _export_gguf(args: argparse.Namespace) -> int:
+    from minillm.checkpoint_files import resolve_checkpoint
+    from minillm.export.gguf import export_gguf
+
+    out = export_gguf(resolve_checkpoint(args.checkpoint), args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out} ({args.dtype}, {out.stat().st_size / 2**20:.1f} MiB); run it with llama-cli -m {out}, or "
+          f"in Ollama with a Modelfile reading FROM {out}")
     return 0
 
 
@@ -789,14 +818,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _flag_hint(argv: list[str], extra: list[str]) -> str:
-    """`--max_steps` (the transformers/TRL spelling) → "did you mean --max-steps?" where that flag exists."""
+    """A hint for an unknown `--flag`: the dashed flag where one exists (`--eval-every`), else, for
+    `minillm train`, the config key of that name as an override (`--warmup_steps 10` → "did you mean
+    training.warmup_steps=10?")."""
     for item in extra:
-        name = item.split("=", 1)[0]
-        if name.startswith("--") and "_" in name:
-            dashed = name.replace("_", "-")
-            if dashed in _known_flags(argv):
-                return f"; did you mean {dashed}?"
+        name, _, value = item.partition("=")
+        if not name.startswith("--"):
+            continue
+        dashed = name.replace("_", "-")
+        if dashed != name and dashed in _known_flags(argv):
+            return f"; did you mean {dashed}?"
+        if "train" in argv:
+            at = argv.index(item) if item in argv else -1
+            if not value and 0 <= at < len(argv) - 1 and not argv[at + 1].startswith("-"):
+                value = argv[at + 1]
+            key = _config_key(name[2:].replace("-", "_"))
+            if key is not None:
+                return f"; did you mean {key}={value or '...'}?"
     return ""
+
+
+def _config_key(name: str) -> str | None:
+    """The run-config key `name` is, with its section (`training.warmup_steps`), or None."""
+    from minillm.recipes.config import RunConfig, section_fields
+
+    if name in RunConfig.model_fields:
+        return name
+    for section, fields in section_fields().items():
+        if name in fields:
+            return f"{section}.{name}"
+    return None
 
 
 def _known_flags(argv: list[str]) -> list[str]:

@@ -41,3 +41,14 @@ def resolve_device(name: str | torch.device | None = AUTO) -> torch.device:
     if device.type == "mps" and not _mps_available():
         raise DeviceError(f"device {str(name)!r} was asked for but MPS is not available on this machine")
     return device
+
+
+def mps_supports_bf16() -> bool:
+    """Whether this Apple GPU computes in bfloat16 (macOS 14 and later with a recent torch): tried once
+    with a small tensor rather than guessed from version numbers."""
+    if not _mps_available():
+        return False
+    try:
+        return bool((torch.ones(2, dtype=torch.bfloat16, device="mps") * 2).sum().item() == 4)
+    except (RuntimeError, TypeError):
+        return False

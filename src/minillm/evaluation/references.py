@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sacrebleu.metrics import BLEU
-
 from minillm.data.formats import DataError, Message, iter_records
 from minillm.evaluation.results import EvalResult, markdown_table, one_line
+from minillm.extras import require
 from minillm.inference.generator import GenerationConfig, TextGenerator
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0002fa1f"
@@ -101,7 +100,8 @@ def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]], tokeni
     if len(predictions) != len(references) or not predictions:
         raise ValueError(f"need one list of references per prediction, got {len(predictions)} predictions "
                          f"and {len(references)} reference lists")
-    metric = BLEU(tokenize=bleu_tokenizer(references, tokenize))
+    metrics = require("sacrebleu.metrics", "eval", "BLEU")  # imported only when scoring
+    metric = metrics.BLEU(tokenize=bleu_tokenizer(references, tokenize))
     # sacrebleu takes reference streams (the k-th reference of every example); None fills the shorter lists.
     streams = [[refs[k] if k < len(refs) else None for refs in references] for k in range(max(map(len, references)))]
     return metric.corpus_score(list(predictions), streams).score, str(metric.get_signature())

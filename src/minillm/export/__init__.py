@@ -1,4 +1,5 @@
-"""Export to other ecosystems: Hugging Face model directories (`hf`) and ONNX (`onnx`)."""
+"""Export to other ecosystems: Hugging Face model directories (`hf`), ONNX (`onnx`) and GGUF files for
+llama.cpp and Ollama (`gguf`)."""
 
 from minillm.errors import ExportError
 from minillm.export.hf import export_hf

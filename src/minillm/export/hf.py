@@ -1,9 +1,10 @@
-"""Mini-LLM checkpoints as native Hugging Face model directories.
+"""Mini-LLM checkpoints as native Hugging Face model directories, for publishing.
 
-The family (Llama, Qwen2, Qwen3, Qwen3-MoE, Mixtral or GPT-2) follows from the config; the mapping lives
-in `minillm.model.hf`. The export needs no transformers: `config.json` is written from the config, and
-the weights as safetensors, sharded with a `model.safetensors.index.json` when they exceed
-`max_shard_size`. LoRA adapters are merged first; the tokenizer (with its chat template) and a
+A checkpoint `MiniGPT.save_pretrained` writes already loads in transformers as it is; the export adds what
+a release wants. The family (Llama, Qwen2, Qwen3, Qwen3-MoE, Mixtral or GPT-2) follows from the config;
+the mapping lives in `minillm.model.hf`, and config.json and the tensor names are those of a checkpoint.
+The export needs no transformers: the weights are written in the chosen dtype, as safetensors, sharded
+with a `model.safetensors.index.json` when they exceed `max_shard_size`. LoRA adapters are merged first; the tokenizer (with its chat template) and a
 `generation_config.json` whose stop tokens include the chat template's end-of-turn token are written
 beside them. A non-empty output directory is refused unless `overwrite`.
 
@@ -24,15 +25,7 @@ from safetensors.torch import save_file
 
 from minillm.errors import ExportError, UnsupportedCheckpointError
 from minillm.io import atomic_write_json, check_output_dir, staged_directory
-from minillm.model.hf import (
-    DTYPES,
-    FAMILIES,
-    IMPORTABLE,
-    config_from_hf,
-    hf_config,
-    to_gpt2_state,
-    to_mixtral_state,
-)
+from minillm.model.hf import DTYPES, FAMILIES, IMPORTABLE, checkpoint_config, config_from_hf, to_family_state
 from minillm.model.transformer import MiniGPT
 from minillm.model.weights import read_hf_weights
 
@@ -93,14 +86,9 @@ def export_hf(checkpoint: str | Path | MiniGPT, out_dir: str | Path, tokenizer: 
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     if dtype not in DTYPES:
         raise ExportError(f"dtype={dtype!r} is not supported; choose auto, {', '.join(DTYPES)}")
-    config = hf_config(model.config, family, dtype)
+    config = checkpoint_config(model.config, family, dtype)
     state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # transformers re-ties it to the embedding
-    if config["model_type"] == "gpt2":
-        state = to_gpt2_state(state)
-    elif config["model_type"] == "mixtral":
-        state = to_mixtral_state(state)
+    state = to_family_state(state, model.config, config["model_type"])
     with staged_directory(out_dir, overwrite) as tmp:
         shards = _shards(state, _parse_size(max_shard_size))
         if len(shards) == 1:

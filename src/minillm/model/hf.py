@@ -27,21 +27,27 @@ when reading. `to_transformers` builds the transformers model in memory, for sid
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from minillm.errors import CheckpointError, ExportError, UnsupportedCheckpointError
-from minillm.model.config import MiniGPTConfig
+from minillm.model.config import RETIRED_FIELDS, ConfigError, MiniGPTConfig
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig, PretrainedConfig, PreTrainedModel
 
     from minillm.model.transformer import MiniGPT
 
-__all__ = ["DTYPES", "FAMILIES", "IMPORTABLE", "config_from_hf", "from_gpt2_state", "hf_config", "hf_family",
-           "to_gpt2_state", "to_hf_config", "to_llama_config", "to_transformers"]
+__all__ = ["DTYPES", "FAMILIES", "IMPORTABLE", "OWN_MODEL_TYPE", "SETTINGS_KEY", "checkpoint_config",
+           "config_from_checkpoint", "config_from_hf", "from_gpt2_state", "hf_config", "hf_family", "saved_config",
+           "to_family_state", "to_gpt2_state", "to_hf_config", "to_llama_config", "to_transformers"]
+
+logger = logging.getLogger(__name__)
 
 FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gpt2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -272,8 +278,133 @@ def from_mixtral_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+def to_family_state(state: dict[str, torch.Tensor], config: MiniGPTConfig, family: str) -> dict[str, torch.Tensor]:
+    """Our tensors as `family`'s `model.safetensors` holds them (`family` "minillm": our own layout): a
+    tied LM head left out (safetensors refuses shared tensors; it is tied again on loading), GPT-2's and
+    Mixtral's names and layouts. Only renames, splits and transposes: reading them back gives the very
+    same tensors."""
+    state = dict(state)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    if family == "gpt2":
+        return to_gpt2_state(state)
+    if family == "mixtral":
+        return to_mixtral_state(state)
+    return state
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+# The key of a native config.json that keeps our own settings beside the family's (transformers keeps an
+# unknown key as a plain attribute and ignores it): what the family cannot state (dropout, the preset
+# name in `extra`, a head_dim left to its default) comes back exactly.
+SETTINGS_KEY = "minillm"
+
+
+def checkpoint_config(config: MiniGPTConfig, family: str | None = None, dtype: str = "float32") -> dict[str, Any]:
+    """The `config.json` of a native checkpoint: `hf_config` plus our settings under `SETTINGS_KEY`."""
+    return {**hf_config(config, family, dtype), SETTINGS_KEY: config.to_dict()}
+
+
+OWN_MODEL_TYPE = "minillm"  # the model_type of a checkpoint no family expresses: only Mini-LLM reads it
+
+
+def saved_config(model: MiniGPT, directory: str | Path, dtype: str) -> dict[str, Any]:
+    """The config.json `model.save_pretrained(directory)` writes: `checkpoint_config` of the family computing
+    what the model computes, else `model_type: minillm` with our fields, for a config no family expresses
+    (logged as a warning naming the fields, once per model and reason: a run saves the same model at
+    every checkpoint) and for a model with a head of its own (a reward model: no transformers class)."""
+    own = {"architectures": [model.architecture], "model_type": OWN_MODEL_TYPE, "torch_dtype": dtype,
+           **model.config.to_dict()}
+    if model.architecture != "MiniGPT":
+        return own
+    try:
+        return checkpoint_config(model.config, dtype=dtype)
+    except ExportError as e:
+        first, *fields = str(e).splitlines()
+        reason = " ".join([first, "; ".join(line.strip() for line in fields)]).strip()
+        if getattr(model, "_not_native_reason", None) != reason:
+            model._not_native_reason = reason
+            logger.warning("%s: saved with model_type %r, which transformers cannot load (Mini-LLM can): %s",
+                           directory, OWN_MODEL_TYPE, reason)
+        return own
+
+
+# Our fields that `config_from_hf` reads from the family's fields: when config.json's family fields and
+# its `SETTINGS_KEY` settings disagree on one (the family fields were edited, or a transformers tool
+# resized the vocabulary), the family's value is the one transformers computes with, so it wins.
+_FAMILY_DEFINED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                   "max_position_embeddings", "norm_type", "norm_eps", "position_embedding", "rope_theta", "mlp_type",
+                   "qk_norm", "qkv_bias", "out_bias", "mlp_bias", "tie_word_embeddings", "num_experts",
+                   "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "bos_token_id", "eos_token_id",
+                   "pad_token_id")
+_MOE_FIELDS = ("num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob")
+
+
+def config_from_checkpoint(data: dict[str, Any], source: str | Path = "config.json") -> MiniGPTConfig:
+    """The `MiniGPTConfig` of a native checkpoint's `config.json` data (family fields plus our settings
+    under `SETTINGS_KEY`): our settings, exactly, wherever the family fields agree with them. The family
+    fields are read (and refused) as `config_from_hf` reads them, and win where they differ; a field of
+    ours written beside them (`norm_type`, `dropout`, ...) is taken as an edit and wins too. A misspelt
+    field of ours is an error, as in a `minillm` config.json."""
+    settings = data[SETTINGS_KEY]
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{source}: {SETTINGS_KEY!r} must be an object of Mini-LLM settings, "
+                              f"got {type(settings).__name__}")
+    family_view = config_from_hf(data, source)
+    fields = {k: v for k, v in settings.items() if k not in RETIRED_FIELDS}
+    MiniGPTConfig.check_types(fields)
+    restored = MiniGPTConfig.from_dict(fields)
+    unstated = (() if family_view.num_experts else _MOE_FIELDS) + (
+        () if family_view.position_embedding == "rope" else ("rope_theta",))  # defaults: nothing to compare
+    for name in _FAMILY_DEFINED:
+        if name not in unstated and getattr(family_view, name) != getattr(restored, name):
+            fields[name] = getattr(family_view, name)
+    if family_view.attention_head_dim != restored.attention_head_dim:
+        fields["head_dim"] = family_view.attention_head_dim
+    if not family_view.num_experts and family_view.intermediate_size != restored.intermediate_size:
+        fields["intermediate_size"] = family_view.intermediate_size  # (an MoE family's is the experts' size)
+    ours = {f.name for f in dataclasses.fields(MiniGPTConfig)}
+    try:
+        family_keys = set(hf_config(family_view, data["model_type"]))
+    except ExportError:
+        family_keys = set(data)
+    for key, value in data.items():
+        if key in ours and key not in family_keys:
+            fields[key] = value
+        elif key not in ours and key not in family_keys and key != SETTINGS_KEY:
+            close = difflib.get_close_matches(key, ours, n=1, cutoff=0.85)
+            if close:
+                raise ConfigError(f"unknown MiniGPTConfig field {key} (did you mean {close[0]}?)")
+    MiniGPTConfig.check_types(fields)
+    config = MiniGPTConfig.from_dict(fields)
+    problems = _blockers(config, data["model_type"])
+    if problems:
+        raise CheckpointError(f"{source}: its Mini-LLM settings are not a {_NAMES[data['model_type']]} model: "
+                              + "; ".join(problems))
+    return config
+
+
 # ---------------------------------------------------------------------------------------- reading
 IMPORTABLE = FAMILIES
+
+
+def _special_tokens(data: dict[str, Any], vocab_size: Any, source: str | Path) -> dict[str, int | None]:
+    """bos/eos/pad_token_id of a family's config (the first of a list), each set to None, with a warning,
+    when it lies outside the vocabulary: transformers accepts such a config (GPT-2's 50256 kept on a
+    smaller vocabulary), and the id could never be produced or looked up anyway."""
+    tokens: dict[str, int | None] = {}
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = data.get(name)
+        value = value[0] if isinstance(value, list) and value else value
+        if isinstance(value, list):
+            value = None
+        if (isinstance(value, int) and not isinstance(value, bool) and isinstance(vocab_size, int)
+                and not 0 <= value < vocab_size):
+            logger.warning("%s: %s=%d is outside the vocabulary [0, %d): read as None (no such token)",
+                           source, name, value, vocab_size)
+            value = None
+        tokens[name] = value
+    return tokens
 
 
 def _gpt2_from_hf(data: dict[str, Any], source: str | Path) -> MiniGPTConfig:
@@ -294,8 +425,7 @@ def _gpt2_from_hf(data: dict[str, Any], source: str | Path) -> MiniGPTConfig:
         norm_type="layernorm", position_embedding="learned", mlp_type="gelu", qkv_bias=True, out_bias=True,
         mlp_bias=True, norm_eps=data.get("layer_norm_epsilon", 1e-5),
         tie_word_embeddings=bool(data.get("tie_word_embeddings", True)),
-        initializer_range=data.get("initializer_range", 0.02), bos_token_id=data.get("bos_token_id"),
-        eos_token_id=data.get("eos_token_id"), pad_token_id=data.get("pad_token_id"))
+        initializer_range=data.get("initializer_range", 0.02), **_special_tokens(data, data["vocab_size"], source))
 
 
 # The families' size fields (name, smallest value) and other numeric fields, checked before any arithmetic.
@@ -348,11 +478,6 @@ def config_from_hf(data: dict[str, Any], source: str | Path = "config.json") -> 
     if data.get("attention_dropout", 0.0):
         refuse("attention_dropout", "attention dropout is not supported")
     heads = data["num_attention_heads"]
-
-    def token(name: str) -> int | None:
-        value = data.get(name)
-        return value[0] if isinstance(value, list) and value else value
-
     fields: dict[str, Any] = dict(
         vocab_size=data["vocab_size"], hidden_size=data["hidden_size"], intermediate_size=data["intermediate_size"],
         num_hidden_layers=data["num_hidden_layers"], num_attention_heads=heads,
@@ -361,8 +486,7 @@ def config_from_hf(data: dict[str, Any], source: str | Path = "config.json") -> 
         max_position_embeddings=data.get("max_position_embeddings", 2048), norm_eps=data.get("rms_norm_eps", 1e-6),
         rope_theta=float(params.get("rope_theta", data.get("rope_theta", 10000.0))),
         tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
-        initializer_range=data.get("initializer_range", 0.02),
-        bos_token_id=token("bos_token_id"), eos_token_id=token("eos_token_id"), pad_token_id=token("pad_token_id"))
+        initializer_range=data.get("initializer_range", 0.02), **_special_tokens(data, data["vocab_size"], source))
     if model_type == "mixtral":
         window = data.get("sliding_window")
         if window is not None and window < data.get("max_position_embeddings", 2048):
@@ -392,7 +516,6 @@ def config_from_hf(data: dict[str, Any], source: str | Path = "config.json") -> 
         bias = bool(data.get("attention_bias", False))
         fields.update(qk_norm=True, qkv_bias=bias, out_bias=bias)
     return MiniGPTConfig(**fields)
-
 
 
 # ---------------------------------------------------------------------------------------- transformers objects

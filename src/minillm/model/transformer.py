@@ -1,8 +1,8 @@
 """`MiniGPT`: a decoder-only transformer whose parts are chosen by `MiniGPTConfig`.
 
 Parameter names follow the Hugging Face Llama layout (`model.embed_tokens`, `model.layers.N.self_attn.
-q_proj`, `mlp.gate_proj`, `input_layernorm`, `model.norm`, `lm_head`), so a checkpoint is a Hugging Face
-model directory.
+q_proj`, `mlp.gate_proj`, `input_layernorm`, `model.norm`, `lm_head`); a checkpoint is written as the
+transformers family computing the same function (`minillm.model.hf`): AutoModelForCausalLM loads it.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ from minillm.checkpoint_files import (
 )
 from minillm.errors import CheckpointError
 from minillm.io import atomic_write, atomic_write_json
+from minillm.model import hf as hf_format
 from minillm.model.config import RETIRED_FIELDS, ConfigError, MiniGPTConfig
-from minillm.model.hf import config_from_hf
 from minillm.model.layers import DecoderLayer, KVCache, RotaryEmbedding, StaticKVCache, make_norm
-from minillm.model.weights import hf_weights_file, read_hf_weights, read_safetensors
+from minillm.model.weights import read_checkpoint_weights
 
 WEIGHTS_FILE = "model.safetensors"
 GENERATION_CONFIG_FILE = "generation_config.json"
-MODEL_TYPE = "minillm"
+MODEL_TYPE = hf_format.OWN_MODEL_TYPE  # config.json of a config no transformers family expresses
 _HF_ONLY_KEYS = ("architectures", "model_type", "torch_dtype", "dtype", "transformers_version")
 
 
@@ -229,20 +229,21 @@ class MiniGPT(nn.Module):
     def save_pretrained(self, directory: str | Path, generation_config: dict[str, Any] | None = None,
                         weights: bool = True) -> None:
         """Write `config.json`, `model.safetensors` and `generation_config.json` into `directory`
-        (`weights=False`: the two JSON files only, e.g. beside a LoRA adapter)."""
+        (`weights=False`: the two JSON files only, e.g. beside a LoRA adapter), as the transformers family
+        computing what this model computes: its config plus our settings under "minillm", its tensor
+        names and layout (or `model_type: minillm`, with a warning: see `minillm.model.hf.saved_config`)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        dtype = str(next(self.parameters()).dtype).removeprefix("torch.")
+        config = hf_format.saved_config(self, directory, dtype)
         if weights:
             if getattr(self, "lora_config", None) is not None:
                 raise ValueError("this model carries LoRA adapters: save them with minillm.model.lora.save_lora, "
                                  "or merge_lora() it first to save a plain model")
             state = {k: v.detach().contiguous().cpu() for k, v in self._weights_to_save().items()}
-            if self.config.tie_word_embeddings:
-                state.pop("lm_head.weight", None)  # safetensors refuses shared tensors; reloaded as a tie
+            state = hf_format.to_family_state(state, self.config, config["model_type"])  # (no tied LM head)
             atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        dtype = str(next(self.parameters()).dtype).removeprefix("torch.")
-        atomic_write_json(directory / CONFIG_FILE, {"architectures": [self.architecture], "model_type": MODEL_TYPE,
-                                                    "torch_dtype": dtype, **self.config.to_dict()})
+        atomic_write_json(directory / CONFIG_FILE, config)
         generation = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id,
                       "pad_token_id": self.config.pad_token_id, **(generation_config or {})}
         atomic_write_json(directory / GENERATION_CONFIG_FILE, generation)
@@ -254,15 +255,13 @@ class MiniGPT(nn.Module):
     def load_weights(self, directory: str | Path, allow_missing: tuple[str, ...] = ()) -> None:
         """Load `model.safetensors` from `directory` into this model, in place; every tensor must match
         (a tied LM head is stored once, as the embedding) but those named in `allow_missing` (a new head
-        on a pretrained body keeps its initialisation). A missing, unreadable or mismatching file is a
+        on a pretrained body keeps its initialisation). Any family's names and layout (GPT-2's fused and
+        transposed projections, Mixtral's experts) come back as exactly the tensors that were saved, and
+        sharded or PyTorch weights are read too. A missing, unreadable or mismatching file is a
         `CheckpointError` naming it (and the tensors)."""
         directory = check_directory(directory)
-        weights_path = directory / WEIGHTS_FILE
         device = next(self.parameters()).device
-        if weights_path.is_file() and _is_own_checkpoint(directory):
-            state, source = read_safetensors(weights_path, device=str(device)), weights_path
-        else:  # a Hugging Face directory: its names and layout, sharded safetensors or PyTorch weights
-            state, source = read_hf_weights(directory, device=str(device)), hf_weights_file(directory)
+        state, source = read_checkpoint_weights(directory, device=str(device))
         own = self.state_dict()
         expected = set(own)
         if self.config.tie_word_embeddings:
@@ -285,6 +284,8 @@ class MiniGPT(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None) -> MiniGPT:
+        """The model of a checkpoint of ours (any `save_pretrained` wrote, or a LoRA adapter with its base)
+        or of a Hugging Face directory of a family `minillm.model.hf` reads."""
         directory = check_directory(directory)
         if not (directory / WEIGHTS_FILE).is_file() and (directory / "adapter_config.json").is_file():
             return cls._from_adapter(directory, device, dtype)
@@ -326,11 +327,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def _is_own_checkpoint(directory: str | Path) -> bool:
-    path = Path(directory) / CONFIG_FILE
-    return not path.is_file() or read_json_object(path).get("model_type") == MODEL_TYPE
-
-
 def _some(names: list[str], count: int = 3) -> str:
     return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
 
@@ -340,13 +336,17 @@ def _shape(tensor: torch.Tensor) -> str:
 
 
 def load_config(directory: str | Path) -> MiniGPTConfig:
-    """The `MiniGPTConfig` of a model directory (ours, or a Hugging Face family `config_from_hf` reads);
-    `CheckpointError` naming config.json (and the field) when it is missing or malformed."""
+    """The `MiniGPTConfig` of a model directory: a checkpoint of ours (a native family's config.json with
+    our settings under "minillm", restored exactly; or a `model_type: minillm` one), or any Hugging Face
+    directory of a family `config_from_hf` reads. `CheckpointError` naming config.json (and the field)
+    when it is missing or malformed."""
     path = config_file(directory)
     data = read_json_object(path)
     try:
-        if data.get("model_type") != MODEL_TYPE:  # a Hugging Face directory (Llama, Qwen2, Qwen3), or refused
-            return config_from_hf(data, path)
+        if data.get("model_type") != MODEL_TYPE:
+            if hf_format.SETTINGS_KEY in data:  # ours, in a transformers family's format
+                return hf_format.config_from_checkpoint(data, path)
+            return hf_format.config_from_hf(data, path)  # a Hugging Face directory, or refused
         fields = {k: v for k, v in data.items() if k not in _HF_ONLY_KEYS and k not in RETIRED_FIELDS}
         MiniGPTConfig.check_types(fields)
         return MiniGPTConfig.from_dict(fields)

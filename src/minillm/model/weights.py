@@ -1,6 +1,7 @@
 """Reading weights from disk: safetensors files (ours and Hugging Face's), sharded checkpoints with an
 index, and PyTorch `pytorch_model.bin` files (loaded with `weights_only=True`, so no pickled code runs).
-Every way a file can be missing, empty, truncated or malformed is a `CheckpointError` naming it."""
+Every way a file can be missing, empty, truncated or malformed is a `CheckpointError` naming it.
+`read_checkpoint_weights` gives any model directory's tensors under our names."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from minillm.checkpoint_files import (
+    CONFIG_FILE,
     MissingCheckpointFileError,
     json_kind,
     load_torch_file,
@@ -19,9 +21,9 @@ from minillm.checkpoint_files import (
     require_file,
 )
 from minillm.errors import CheckpointError
-from minillm.model.hf import from_gpt2_state, from_mixtral_state
+from minillm.model.hf import OWN_MODEL_TYPE, from_gpt2_state, from_mixtral_state
 
-__all__ = ["hf_weights_file", "read_hf_weights", "read_safetensors"]
+__all__ = ["hf_weights_file", "read_checkpoint_weights", "read_hf_weights", "read_safetensors"]
 
 
 def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -126,3 +128,16 @@ def read_hf_weights(directory: str | Path, device: str = "cpu") -> dict[str, tor
     elif any(".block_sparse_moe." in k for k in state):  # Mixtral's
         state = from_mixtral_state(state)
     return state
+
+
+def read_checkpoint_weights(directory: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], Path]:
+    """The tensors of a model directory under our names (a tied LM head may be absent), and the file they
+    came from: a `model_type: minillm` checkpoint's `model.safetensors` as it is, any other directory (a
+    native-family checkpoint of ours, or a Hugging Face model) through `read_hf_weights`."""
+    directory = Path(directory)
+    weights_path = directory / "model.safetensors"
+    config_path = directory / CONFIG_FILE
+    own = not config_path.is_file() or read_json_object(config_path).get("model_type") == OWN_MODEL_TYPE
+    if weights_path.is_file() and own:
+        return read_safetensors(weights_path, device=device), weights_path
+    return read_hf_weights(directory, device=device), hf_weights_file(directory)

@@ -180,6 +180,15 @@ def _section_classes() -> dict[str, type]:
             "rollout": RolloutConfig, "data.identity": Identity}
 
 
+def section_fields() -> dict[str, set[str]]:
+    """The keys of each section of a run config (for hints: which section a key belongs to)."""
+    fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in _section_classes().items()
+              if "." not in name}
+    for name in ("tokenizer", "data", "reward"):
+        fields[name] = set(RunConfig.model_fields[name].annotation.model_fields)
+    return fields
+
+
 def _stage_trainers() -> dict[str, Any]:
     from minillm.rl.grpo import GRPOTrainer
     from minillm.rl.ppo import PPOTrainer

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from minillm.extras import require
+
 log = logging.getLogger("minillm.training")
 
 Series = tuple[list[float], list[float]]
@@ -67,7 +69,7 @@ def series(records: list[dict[str, Any]], field: str) -> Series:
 
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Write the run's plots under `<run_dir>/plots/` and return their paths (a plot with no data is skipped)."""
-    from matplotlib.figure import Figure  # matplotlib is imported only when plotting
+    Figure = require("matplotlib.figure", "plots", "plotting").Figure  # imported only when plotting
 
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")

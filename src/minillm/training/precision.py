@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from minillm.device import mps_supports_bf16
 from minillm.training.autotune import DTYPES, ProbeRun, choose_compile, choose_precision, cpu_has_native_bf16
 from minillm.training.mfu import time_matmul
 
@@ -40,9 +41,10 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     """The autocast dtype for `precision` on `device` (None: plain fp32).
 
     `auto` without a model to measure (a dry run's memory estimate, a short run): bf16 on GPUs that support
-    it, fp16 (with a gradient scaler) on older GPUs, and on CPUs bf16 only where it is native and its
-    matrix products are faster, otherwise fp32. The `Trainer` measures `auto` on its model instead
-    (`choose_autocast_dtype`).
+    it, fp16 (with a gradient scaler) on older GPUs, bf16 on Apple GPUs (MPS) that compute in it and fp32
+    on those that do not, and on CPUs bf16 only where it is native and its matrix products are faster,
+    otherwise fp32. The `Trainer` measures `auto` on its model instead (`choose_autocast_dtype`), except on
+    MPS, where the rule decides.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not supported; allowed: {', '.join(PRECISIONS)}")
@@ -56,6 +58,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
         return torch.bfloat16 if cpu_bf16_is_fast() else None
+    if device.type == "mps":
+        return torch.bfloat16 if mps_supports_bf16() else None
     return None
 
 
@@ -71,6 +75,8 @@ def choose_autocast_dtype(precision: str, model: nn.Module, device: torch.device
     measured on `model` for `run` (see autotune.py); where it is not measured, the rule decides."""
     if precision != "auto":
         return resolve_precision(precision, device), None
+    if device.type == "mps":  # no timing on Apple GPUs: the rule (bf16 where MPS computes in it)
+        return resolve_precision("auto", device), {"choice": precision_name("auto", device), "reason": "rule (MPS)"}
     decision = choose_precision(model, device, run, distributed=distributed)
     if decision.choice is None:
         decision.choice = precision_name("auto", device)
@@ -83,6 +89,8 @@ def choose_compiled(compile: bool | str, model: nn.Module, device: torch.device,
     compiles where it measured faster at the chosen autocast dtype (see autotune.py)."""
     if compile != "auto":
         return bool(compile), None
+    if device.type == "mps":  # torch.compile's MPS backend is still experimental: eager
+        return False, {"choice": "eager", "reason": "rule (MPS: no torch.compile)"}
     decision = choose_compile(model, device, run, autocast_dtype, distributed=distributed)
     return decision.choice == "compiled", decision.as_dict()
 

@@ -26,7 +26,7 @@ from minillm.checkpoint_files import read_json_object
 from minillm.errors import CheckpointError, MiniLLMError
 from minillm.io import atomic_write_json
 from minillm.model.lora import ADAPTER_WEIGHTS_FILE, load_lora_state_dict
-from minillm.model.transformer import WEIGHTS_FILE
+from minillm.model.weights import read_checkpoint_weights
 from minillm.training import distributed as dist_utils
 from minillm.training.checkpoint import STATE_DIR, load_state_file
 
@@ -148,7 +148,7 @@ def _load_state(trainer: Trainer, directory: Path, state: dict[str, Any]) -> Non
             raise ResumeError(f"cannot resume a LoRA run from {directory}: no {ADAPTER_WEIGHTS_FILE}")
         load_lora_state_dict(trainer.base_model, load_file(str(adapter), device=str(trainer.device)))
     elif dist_utils.is_fsdp(trainer.model):
-        dist_utils.load_full_state_dict(trainer.model, load_file(str(directory / WEIGHTS_FILE)))
+        dist_utils.load_full_state_dict(trainer.model, read_checkpoint_weights(directory)[0])  # our names
     else:
         trainer.base_model.load_weights(directory)
     trainer._setup_optimizer(trainer.total_steps())

@@ -34,12 +34,13 @@ from minillm.data.formats import DataError
 from minillm.data.loader import BatchLoader, pad_collate
 from minillm.data.pretrain import LanguageModelingDataset, PretrainDataLoader
 from minillm.device import resolve_device
+from minillm.extras import MissingExtraError
 from minillm.model.lora import merge_lora, save_lora
 from minillm.model.transformer import eval_mode
 from minillm.training import distributed as dist_utils
 from minillm.training.autotune import adamw_fused_ok, probe_run
 from minillm.training.checkpoint import STEP_PREFIX, clean_leftovers, prune_checkpoints, save_checkpoint
-from minillm.training.logging import MetricsLogger
+from minillm.training.logging import MetricsLogger, check_trackers, normalize_report_to, run_hyperparameters
 from minillm.training.memory import MemoryConfig, MemoryMonitor
 from minillm.training.mfu import mfu_estimator
 from minillm.training.objectives import LanguageModelingObjective, Objective
@@ -98,6 +99,8 @@ class TrainingConfig:
     early_stopping_patience: int = 0  # stop after this many evaluations without improvement; 0: never
     early_stopping_min_delta: float = 0.0  # a validation loss must drop by more than this to count
     optimizer_offload: bool = False  # keep AdamW state (and fp32 master weights) on the CPU; GPU only
+    # where metrics go besides metrics.jsonl: any of tensorboard, wandb, swanlab, trackio; [] or none: nowhere
+    report_to: str | tuple[str, ...] | list[str] = ("tensorboard",)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -110,6 +113,7 @@ class TrainingConfig:
         for name in ("optimizer_offload", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        self.report_to = normalize_report_to(self.report_to)
         if not isinstance(self.compile, bool) and self.compile != "auto":
             raise ValueError(f"compile must be true, false or auto, got {self.compile!r}")
         if self.early_stopping_patience < 0 or self.early_stopping_min_delta < 0:
@@ -173,6 +177,7 @@ class Trainer:
             if memory.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
                 model.gradient_checkpointing_enable()
         self.config = config
+        check_trackers(config.report_to)  # a named tracker's missing library fails here, before training
         self.dist = dist_utils.init_distributed(config.distributed, device)
         self.device = self.dist.device if self.dist.enabled else resolve_device(device)
         # with distributed="none" this process trains alone, even inside someone else's process group
@@ -360,7 +365,9 @@ class Trainer:
             for path in clean_leftovers(self.out_dir):
                 logger.info("removed %s, left by an interrupted save", path)
         metrics_log = MetricsLogger(self.out_dir if self.is_main else None, total, self.step,
-                                    cfg.progress and self.is_main, type(self).__name__, echo=self.is_main)
+                                    cfg.progress and self.is_main, type(self).__name__, echo=self.is_main,
+                                    report_to=cfg.report_to if self.is_main else (),
+                                    run_config=run_hyperparameters(self.out_dir, cfg, self.base_model))
         measured = {k: v for k, v in self.autotune.items() if v.get("source") in ("measured", "cached", "bound")}
         if measured:  # what precision/compile auto chose, with the step timings behind the choice
             metrics_log.log({"step": self.step, "autotune": measured})
@@ -422,6 +429,8 @@ class Trainer:
         if self.is_main and self.out_dir is not None and (self.out_dir / "metrics.jsonl").is_file():
             try:
                 plot_run(self.out_dir)
+            except MissingExtraError as e:  # a lean install: metrics.jsonl is all there is
+                logger.info("no plots for %s: %s", self.out_dir, e)
             except Exception as e:  # plots are a convenience; a finished run never fails over them
                 logger.warning("could not plot %s: %s", self.out_dir, e)
         elapsed = time.time() - start
